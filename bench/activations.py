@@ -6,15 +6,18 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -23,7 +26,7 @@ from bench.hooks import read
 from bench.sites import Site
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: BOS prepended for tokenizers that do not add it (GPT-2)
 
 
 @dataclass
@@ -104,17 +107,34 @@ def pool(values: Tensor, prompt_idx: Tensor, n_prompts: int, how: str = "max") -
     return out.scatter_reduce(0, index, values, reduce="amax" if how == "max" else "mean", include_self=False)
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether `tokenizer` itself starts a text with its BOS token (Gemma, Llama: yes; GPT-2: no)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def tokenize(tokenizer: Any, texts: Sequence[str], max_len: int) -> dict[str, Tensor]:
-    """Right-padded batch with `attention_mask` and `keep` = real, non-special tokens (BOS/EOS/padding out)."""
+    """Right-padded batch with `attention_mask` and `keep` = real, non-special tokens (BOS/EOS/padding out).
+
+    Every text starts with BOS when the tokenizer has one, as TransformerLens (the paper's reference code) does for
+    every model, GPT-2 included: a tokenizer that does not add it itself (GPT-2's) gets it prepended here, so the
+    first real token is not the attention sink. BOS counts within `max_len` and is never kept."""
+    prepend = not adds_bos(tokenizer) and getattr(tokenizer, "bos_token_id", None) is not None
     enc = tokenizer(
         list(texts),
         return_tensors="pt",
         padding=True,
         truncation=True,
-        max_length=max_len,
+        max_length=max_len - 1 if prepend else max_len,
         return_special_tokens_mask=True,
     )
     special = enc.pop("special_tokens_mask").bool()
+    if prepend:
+        ones = torch.ones(len(special), 1, dtype=enc["attention_mask"].dtype)
+        enc["input_ids"] = torch.cat([ones.to(enc["input_ids"].dtype) * tokenizer.bos_token_id, enc["input_ids"]], 1)
+        enc["attention_mask"] = torch.cat([ones, enc["attention_mask"]], 1)
+        special = torch.cat([torch.ones(len(special), 1, dtype=torch.bool), special], 1)
+        enc.pop("token_type_ids", None)
     enc["keep"] = enc["attention_mask"].bool() & ~special
     return dict(enc)
 
@@ -161,12 +181,18 @@ def cache_root() -> Path:
 
 
 class ActivationCache:
-    """Content-addressed activation store: <root>/acts/<key>/{acts.safetensors, meta.json}."""
+    """Content-addressed activation store: <root>/acts/<key>/{acts.safetensors, meta.json}.
+
+    Entries are written to a temp directory `.<key>.<pid>.<host>.*`, fsynced (file and directories) and renamed
+    into place, so a power loss leaves either the whole entry or none. An entry whose file does not match its
+    meta.json (size, shapes) or does not open is rebuilt with a warning; temp directories of dead writers, or
+    older than STALE_SECONDS, are removed."""
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = (root or cache_root()) / "acts"
         self.hits = 0
         self.misses = 0
+        self._swept = False
 
     @staticmethod
     def key(model_id: str, revision: str, site: Site, texts_fp: str, max_len: int, dtype: torch.dtype) -> str:
@@ -189,9 +215,10 @@ class ActivationCache:
         """Activations of `texts` at `sites`, collecting (in one pass) only the sites not cached yet."""
         from bench.data import fingerprint
 
+        self.sweep()
         fp = fingerprint(list(texts))
         keys = {s: self.key(model_id, revision, s, fp, max_len, dtype) for s in sites}
-        missing = [s for s in sites if not (self.root / keys[s] / "acts.safetensors").exists()]
+        missing = [s for s in sites if not self.valid(keys[s])]
         self.hits += len(sites) - len(missing)
         self.misses += len(missing)
         if missing:
@@ -202,17 +229,75 @@ class ActivationCache:
                 self._write(keys[s], fresh[s], meta)
         return {s: self._load(keys[s], s, model_id, list(texts)) for s in sites}
 
+    def valid(self, key: str) -> bool:
+        """Whether entry `key` is complete: its file has the size and shapes meta.json records and opens. A
+        present but broken entry is moved aside and removed (with a warning), so it is rebuilt."""
+        folder = self.root / key
+        if not folder.exists():
+            return False
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            path = folder / "acts.safetensors"
+            if "bytes" in meta and path.stat().st_size != meta["bytes"]:
+                raise ValueError(f"{path.stat().st_size} bytes, meta.json says {meta['bytes']}")
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}  # noqa: SIM118
+            n = meta.get("n_tokens", shapes["x"][0])
+            if any(shape[0] != n for shape in shapes.values()) or set(shapes) != set(_COLUMNS):
+                raise ValueError(f"shapes {shapes} do not match {n} tokens")
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+            log.warning("activation cache entry %s is truncated or corrupt (%s); rebuilding it", folder, e)
+            self._discard(folder)
+            return False
+        return True
+
+    def sweep(self, max_age: float | None = None) -> list[Path]:
+        """Remove temp directories left by killed writers: the writer's pid is dead (same host) or the directory
+        is older than `max_age` seconds (default STALE_SECONDS). Runs once per cache object unless called."""
+        if self._swept and max_age is None:
+            return []
+        self._swept = True
+        max_age = STALE_SECONDS if max_age is None else max_age
+        removed = []
+        for tmp in self.root.glob(".*") if self.root.is_dir() else []:
+            m = _TMP.match(tmp.name)
+            try:
+                age = time.time() - tmp.stat().st_mtime
+            except OSError:
+                continue
+            dead = m is not None and m["host"] == _host() and not _alive(int(m["pid"]))
+            if tmp.is_dir() and (dead or age > max_age):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        if removed:
+            log.info("activation cache: removed %d temp director%s of killed writers", len(removed),
+                     "y" if len(removed) == 1 else "ies")
+        return removed
+
+    def _discard(self, folder: Path) -> None:
+        aside = folder.with_name(f".{folder.name}.{os.getpid()}.{_host()}.broken")
+        try:
+            os.replace(folder, aside)
+        except OSError:
+            return  # another process moved or rebuilt it
+        shutil.rmtree(aside, ignore_errors=True)
+
     def _write(self, key: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}-"))
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}.{os.getpid()}.{_host()}."))
         try:
-            save_file(tensors, str(tmp / "acts.safetensors"))
+            path = tmp / "acts.safetensors"
+            save_file(tensors, str(path))
+            meta = {**meta, "n_tokens": int(tensors["x"].shape[0]), "d": int(tensors["x"].shape[1]),
+                    "bytes": path.stat().st_size}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            for f in (path, tmp / "meta.json", tmp):
+                _fsync(f)
             os.replace(tmp, self.root / key)
+            _fsync(self.root)
         except OSError:
-            if (self.root / key / "acts.safetensors").exists():  # another process won the race
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (self.root / key / "acts.safetensors").exists():  # else another process won the race
                 raise
 
     def _load(self, key: str, site: Site, model_id: str, texts: list[str]) -> Activations:
@@ -222,3 +307,34 @@ class ActivationCache:
             t["x"], site, model_id, t["prompt_idx"], t["position"], t["token_ids"], texts, key=key,
             source=self.root / key / "acts.safetensors",
         )
+
+
+_COLUMNS = ("x", "prompt_idx", "position", "token_ids")
+STALE_SECONDS = 3600.0  # a temp directory older than this belongs to a killed writer
+_TMP = re.compile(r"^\.[0-9a-f]+\.(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})\.")
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk (directories: where the OS allows opening them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)

@@ -9,8 +9,12 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench import registry
+
+if TYPE_CHECKING:
+    from bench.config import RunConfig
 
 log = logging.getLogger("bench")
 
@@ -27,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--layers", help="comma list of ints or early/middle/late")
     r.add_argument("--methods", help="comma list of registered methods (default: all)")
     r.add_argument("--tasks", help="comma list of registered tasks (default: all)")
-    r.add_argument("--concepts", help="concept data: JSONL/CSV/parquet path or hub dataset name")
+    r.add_argument("--concepts", help="concept data: JSONL/JSON/CSV/parquet path or hub dataset name")
+    r.add_argument("--concept-columns", dest="concept_columns", metavar="OURS=THEIRS,...",
+                   help="which file columns hold text, concept, split, ...: e.g. text=prompt,concept=label")
     r.add_argument("-M", dest="method_params", action="append", default=[], metavar="METHOD.FIELD=VALUE")
     r.add_argument("-T", dest="task_params", action="append", default=[], metavar="TASK.FIELD=VALUE")
     r.add_argument("--seed", type=int)
@@ -35,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-fit-tokens", type=int, dest="max_fit_tokens")
     r.add_argument("--judge", help="offline | fake | openai:<model> | hf:<path or id>")
     r.add_argument("--judge-base-url", dest="judge_base_url")
+    r.add_argument("--judge-templates", dest="judge_templates", metavar="DIR",
+                   help="directory of rubric files (feature_concept.txt, ...) that replace the shipped ones")
     r.add_argument("--out", help="run directory (default: results/<run_id>)")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR, skipping finished units")
     r.add_argument("--dry-run", action="store_true", help="list the units and the estimated cost, run nothing")
@@ -71,30 +79,41 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from bench import preflight
     from bench.config import RunConfig, parse_params, shipped_config
     from bench.report import write_leaderboard
     from bench.results import load, read_jsonl
     from bench.runner import Run, new_run_id
 
+    overrides = {k: getattr(args, k) for k in ("models", "layers", "methods", "tasks", "concepts", "concept_columns",
+                                                "seed", "device", "max_fit_tokens", "judge", "judge_base_url",
+                                                "judge_templates")}
+    overrides["method"] = parse_params(args.method_params, "-M")
+    overrides["task"] = parse_params(args.task_params, "-T")
+    path = args.config or (shipped_config(args.preset) if args.preset else None)
     if args.resume:
         out = Path(args.resume)
-        if not (out / "config.json").exists():
-            raise FileNotFoundError(f"--resume {out}: no config.json there; is it a featbench run directory?")
-        saved = json.loads((out / "config.json").read_text())
-        saved.pop("run_id")
-        cfg = RunConfig.from_dict(saved, source=str(out / "config.json"))
+        cfg = _stored_config(out)
+        given = RunConfig.load(path, overrides) if path else cfg.with_overrides(overrides)
+        bad = preflight.conflicts(cfg, given)
+        if args.out and Path(args.out).resolve() != out.resolve():
+            bad.append(f"out: stored {str(out)!r} vs given {args.out!r}")
+        if bad:
+            raise ValueError(f"--resume {out}: flags conflict with its config.json: {'; '.join(bad)}; drop them to "
+                             "resume, or start a new run with --out")
     else:
-        overrides = {k: getattr(args, k) for k in ("models", "layers", "methods", "tasks", "concepts", "seed",
-                                                    "device", "max_fit_tokens", "judge", "judge_base_url")}
-        overrides["method"] = parse_params(args.method_params, "-M")
-        overrides["task"] = parse_params(args.task_params, "-T")
-        path = args.config or (shipped_config(args.preset) if args.preset else None)
         cfg = RunConfig.load(path, overrides)
     if args.show_config:
         sys.stdout.write(json.dumps(cfg.to_dict(), indent=2) + "\n")
         return 0
     if not args.resume:
         out = Path(args.out) if args.out else Path("results") / new_run_id(cfg)
+    preflight.check(cfg, None if args.dry_run else out)  # every value, file and package, before any work
+    if cfg.judge_templates:
+        from bench.judge import check_templates, needed_rubrics
+        from bench.runner import selected
+
+        check_templates(cfg.judge_templates, needed_rubrics([registry.TASKS[t] for t in selected(cfg)[1]]))
     if args.dry_run:
         import pandas as pd
 
@@ -108,27 +127,47 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     run_dir = Run(cfg, out, resume=bool(args.resume)).execute()
     log.info("records in %s", run_dir / "records.jsonl")
-    sys.stdout.write(write_leaderboard(load([run_dir]), run_dir))
+    from bench.report import headline
+
+    frame = load([run_dir])
+    write_leaderboard(frame, run_dir)  # the full tables go to files; the run ends with the headline
+    sys.stdout.write(f"{headline(frame)}\nfull leaderboard: {run_dir / 'leaderboard.md'} (and .csv); paired "
+                     f"comparisons: {run_dir / 'paired.md'}\n")
     return 0
+
+
+def _stored_config(out: Path) -> RunConfig:
+    from bench.config import RunConfig
+
+    if not (out / "config.json").exists():
+        raise FileNotFoundError(f"--resume {out}: no config.json there; is it a featbench run directory?")
+    try:
+        saved = json.loads((out / "config.json").read_text())
+        saved.pop("run_id")
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"--resume {out}: its config.json is not a featbench run config ({e})") from None
+    return RunConfig.from_dict(saved, source=str(out / "config.json"))
 
 
 def _report(args: argparse.Namespace) -> int:
     from bench.report import write_leaderboard
-    from bench.results import load
+    from bench.results import load, unique_dirs
 
-    frame = load(args.dirs)
-    out = Path(args.out or args.figures or args.dirs[0])
+    frame = load(args.dirs)  # each directory once; skips (and logs) malformed lines and directories without records
+    dirs = [d for d in unique_dirs(args.dirs) if (d / "records.jsonl").is_file()]
+    out = Path(args.out or args.figures or dirs[0])
     sys.stdout.write(write_leaderboard(frame, out))
-    log.info("wrote %s and %s", out / "leaderboard.md", out / "leaderboard.csv")
+    log.info("wrote %s, %s and paired.md/.csv", out / "leaderboard.md", out / "leaderboard.csv")
     if args.figures:
-        from bench.report import write_figures, write_latex
+        from bench.figures import write_figures
+        from bench.report import write_latex
 
         figs = write_figures(frame, Path(args.figures))
         log.info("wrote %d figure files and %s", len(figs), write_latex(frame, Path(args.figures)))
     if args.browser:
         from bench.browser import write_browser
 
-        log.info("feature browser: %s", write_browser(args.dirs, Path(args.out or args.dirs[0]) / "browser"))
+        log.info("feature browser: %s", write_browser(dirs, Path(args.out or dirs[0]) / "browser"))
     return 0
 
 
@@ -214,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                "cache": _cache}[args.command]
     try:
         return command(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         if args.verbose or os.environ.get("FEATBENCH_DEBUG"):
             raise
         log.error("%s", e)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from importlib.resources import files
@@ -34,6 +36,7 @@ class RunConfig:
     methods: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ()
     concepts: str | None = None  # path or hub name; None = the shipped concept data
+    concept_columns: Mapping[str, str] = field(default_factory=dict)  # {"text": "prompt", "concept": "label"}
     method: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # {"snmf": {"n_features": 64}}
     task: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # {"detection": {"pool": "mean"}}
     seed: int = 0
@@ -43,6 +46,46 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda[:i]
     judge: str = "offline"  # offline | fake | openai:<model> | hf:<path or id>
     judge_base_url: str | None = None
+    judge_templates: str | None = None  # a directory of rubric files that replace the shipped ones (same names)
+
+    def __post_init__(self) -> None:
+        """Every value's type and range (names of methods, tasks and models are resolved by `bench.preflight`)."""
+        for name in ("models", "methods", "tasks"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) and v.strip() for v in value):
+                raise ValueError(f"bad {name} {_show(value)}: expected a list of non-empty names")
+        if not self.models:
+            raise ValueError("models is empty; name at least one, e.g. --models gemma-3-270m-gguf or tiny:gpt2")
+        if not self.layers or not all(_is_int(v) or v in LAYER_NAMES for v in self.layers):
+            raise ValueError(f"bad layers {_show(self.layers)}: expected a non-empty list of integers or "
+                             f"{', '.join(LAYER_NAMES)}, e.g. --layers 0,middle")
+        for name, low in (("seed", 0), ("max_len", 1), ("batch_size", 1), ("max_fit_tokens", 1)):
+            value = getattr(self, name)
+            if not (_is_int(value) and value >= low) and not (name == "max_fit_tokens" and value is None):
+                none = " (or absent for no cap)" if name == "max_fit_tokens" else ""
+                raise ValueError(f"bad {name} {_show(value)}: expected an integer >= {low}{none}")
+        if not (isinstance(self.device, str) and DEVICE.fullmatch(self.device)):
+            raise ValueError(f"bad device {_show(self.device)}: expected auto, cpu, cuda, cuda:<index> or mps")
+        if self.concepts is not None and not (isinstance(self.concepts, str) and self.concepts.strip()):
+            raise ValueError(f"bad concepts {_show(self.concepts)}: expected a file path or hub dataset name")
+        from bench.data import parse_columns
+
+        if not isinstance(self.concept_columns, Mapping):
+            raise ValueError(f"bad concept_columns {_show(self.concept_columns)}: expected a table such as "
+                             "{text = \"prompt\", concept = \"label\"} or --concept-columns text=prompt,concept=label")
+        parse_columns(self.concept_columns)
+        for name in ("method", "task"):
+            table = getattr(self, name)
+            if not (isinstance(table, Mapping) and all(isinstance(v, Mapping) for v in table.values())):
+                raise ValueError(f"bad {name} table {_show(table)}: expected {{name: {{field: value}}}}, e.g. "
+                                 f"[{name}.{'snmf' if name == 'method' else 'detection'}] in TOML")
+        check_judge(self.judge, self.judge_base_url)
+        if self.judge_templates is not None:
+            if not (isinstance(self.judge_templates, str) and self.judge_templates.strip()):
+                raise ValueError(f"bad judge_templates {_show(self.judge_templates)}: expected a directory path")
+            if self.judge.partition(":")[0] == "offline":
+                raise ValueError("judge_templates is set but the judge is offline, which reads no rubric; use "
+                                 "--judge fake | openai:<model> | hf:<path or id> with --judge-templates")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -57,10 +100,27 @@ class RunConfig:
         for name in ("models", "layers", "methods", "tasks"):
             if name in data:
                 value = data[name]
-                data[name] = tuple(_split(value) if isinstance(value, str) else value)
+                if isinstance(value, str):
+                    parts = [v.strip() for v in value.split(",")]
+                    if "" in parts:
+                        every = " (omit it for every registered one)" if name in ("methods", "tasks") else ""
+                        raise ValueError(f"bad {name} {value!r}: an empty name; give a comma list without empty "
+                                         f"entries{every} (in {source})")
+                    value = parts
+                elif not isinstance(value, list | tuple):
+                    raise ValueError(f"bad {name} {value!r}: expected a list or a comma-separated string (in {source})")
+                data[name] = tuple(value)
+        if isinstance(data.get("concept_columns"), str):
+            from bench.data import parse_columns
+
+            data["concept_columns"] = parse_columns(data["concept_columns"])
         if "layers" in data:
-            data["layers"] = tuple(int(x) if str(x).lstrip("-").isdigit() else x for x in data["layers"])
-        return cls(**data)
+            data["layers"] = tuple(int(x) if isinstance(x, str) and x.strip().lstrip("-").isdigit() else x
+                                   for x in data["layers"])
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{e} (in {source})") from None
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
@@ -70,15 +130,60 @@ class RunConfig:
             raise FileNotFoundError(f"config file {path} does not exist")
         with open(path, "rb") as f:
             data = tomllib.load(f)
-        overrides = overrides or {}
-        for table in ("method", "task"):  # -M/-T params merge into the file's tables, field by field
-            merged: dict[str, dict[str, Any]] = {}
-            for src in (data.get(table, {}), overrides.get(table, {})):
-                for name, params in (src or {}).items():
-                    merged.setdefault(name, {}).update(params)
-            data[table] = merged
-        data.update({k: v for k, v in overrides.items() if v is not None and k not in ("method", "task")})
-        return cls.from_dict(data, source=str(path))
+        data, flagged = merge(data, overrides or {}, str(path))
+        return cls.from_dict(data, source=f"the flags and {path}" if flagged else str(path))
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
+        """This config with CLI-style `overrides` on top, as `load` applies them to a file."""
+        data, _ = merge(self.to_dict(), overrides, "the flags")
+        return RunConfig.from_dict(data, source="the flags")
+
+
+def merge(data: Mapping[str, Any], overrides: Mapping[str, Any], source: str) -> tuple[dict[str, Any], bool]:
+    """`overrides` (None = unset; `method`/`task` tables merged field by field) on top of config `data`:
+    (merged data, whether anything was overridden)."""
+    data = dict(data)
+    for table in ("method", "task"):
+        merged: dict[str, dict[str, Any]] = {}
+        for src in (data.get(table, {}), overrides.get(table, {})):
+            if not isinstance(src, Mapping) or not all(isinstance(v, Mapping) for v in src.values()):
+                raise ValueError(f"bad {table} table {src!r} in {source}: expected [{table}.<name>] tables of "
+                                 "field = value")
+            for name, params in src.items():
+                merged.setdefault(name, {}).update(params)
+        data[table] = merged
+    flags = {k: v for k, v in overrides.items() if v is not None and k not in ("method", "task")}
+    data.update(flags)
+    return data, bool(flags) or any(overrides.get(t) for t in ("method", "task"))
+
+
+LAYER_NAMES = ("early", "middle", "late")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+JUDGE_SPECS = "offline | fake | openai:<model> | hf:<path or id>"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    return repr(list(value) if isinstance(value, tuple) else value)
+
+
+def check_judge(spec: Any, base_url: Any = None) -> None:
+    """ValueError unless `spec` is a judge spec (offline, fake, openai:<model>, hf:<id>) and `base_url` an
+    http(s) URL given only with an openai judge."""
+    kind, colon, arg = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not ((kind in ("offline", "fake") and not colon) or (kind in ("openai", "hf") and arg.strip())):
+        raise ValueError(f"bad judge {_show(spec)}: expected {JUDGE_SPECS}")
+    if base_url is None:
+        return
+    if kind != "openai":
+        raise ValueError(f"--judge-base-url is set but --judge is {spec!r}; use --judge openai:<model> with it")
+    url = urllib.parse.urlsplit(base_url) if isinstance(base_url, str) else None
+    if url is None or url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"bad judge_base_url {_show(base_url)}: expected an http(s) URL such as "
+                         "http://127.0.0.1:8000/v1")
 
 
 def _split(value: str) -> list[str]:
@@ -99,10 +204,14 @@ def parse_params(items: list[str], flag: str) -> dict[str, dict[str, str]]:
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Turn a CLI string into a value of annotation `tp` (int, float, bool, str, Site, Optional, ...)."""
-    if not isinstance(value, str):
-        return value
     origin = typing.get_origin(tp)
     options = typing.get_args(tp) if origin in (typing.Union, types.UnionType) else (tp,)
+    if not isinstance(value, str):
+        simple = {int: _is_int, float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+                  bool: lambda v: isinstance(v, bool), type(None): lambda v: v is None}
+        if all(o in simple for o in options) and not any(simple[o](value) for o in options):
+            raise ValueError(f"bad value {value!r} for {name}: expected {_type_name(tp)}")
+        return value
     if type(None) in options and value.lower() in ("none", "null", ""):
         return None
     for option in options:
@@ -126,7 +235,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             continue
     if any(o is str for o in options):
         return value
-    raise ValueError(f"bad value {value!r} for {name}: expected {tp}")
+    raise ValueError(f"bad value {value!r} for {name}: expected {_type_name(tp)}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def check_params(factory: Callable[..., Any], params: Mapping[str, Any], kind: str, name: str) -> dict[str, Any]:

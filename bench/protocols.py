@@ -54,6 +54,8 @@ class Context:
     instructions: Any = None  # pandas frame of steering instructions: `text`, `split` (dev/test)
     device: str = "cpu"
     memo: dict[Any, Any] = field(default_factory=dict)  # per-unit results shared by tasks (e.g. concept matches)
+    fit_key: str = ""  # content key of the fitted features (bench.fits): keys artifacts shared between tasks
+    labels: Callable[..., dict[int, Any]] | None = None  # (method, features) -> {feature: FeatureLabel}
 
 
 class Task(Protocol):

@@ -1,14 +1,48 @@
-"""Leaderboard tables (and, later, figures) from the records frame."""
+"""Tables from the records frame: configurations and their labels, the leaderboard, the headline of a run and
+paired comparisons between configurations. Figures live in `bench.figures`.
+
+A configuration is everything that changes a number: model, model_source, layer, site, method with its params,
+task with its task_params, and judge. The run seed is not part of it (nor the method's `seed` field, which the
+run seed fills): the records of several seeds of one configuration are averaged per concept first, and the
+bootstrap then resamples concepts, so n is the number of concepts whatever the number of seeds.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from collections import defaultdict
+from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from bench.results import normalize
+
 log = logging.getLogger(__name__)
+
+CONFIG_FIELDS = ("model", "model_source", "layer", "site", "method", "params", "task", "task_params", "judge")
+MAIN_METRICS = {"detection": "auroc", "steering": "score", "labeling": "label_f1"}  # unless a task declares one
+ABBREV = {"n_features": "k", "d_sae": "d", "sparsity": "sp", "normalize": "norm", "architecture": "arch",
+          "l1_coefficient": "l1", "max_iter": "iter", "calibration": "cal", "max_concepts": "concepts"}
+SUMMARY_COLUMNS = ["task", "metric", "label", "method", "model", "layer", "mean", "ci_low", "ci_high", "n_scored",
+                   "coverage", "n_seeds", "seeds", "site", "model_source", "judge", "params", "task_params"]
+PAIRED_COLUMNS = ["task", "metric", "model", "layer", "a", "b", "n", "mean_a", "mean_b", "diff", "ci_low", "ci_high",
+                  "p_value", "win_rate"]
+_HEADER = "(test split; per concept the mean over seeds, then the mean over concepts with a bootstrap 95% CI; n scored)"
+
+
+def canonical(value: Any) -> str:
+    """Canonical JSON (sorted keys, no spaces): equal values give equal strings."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _text(value: Any) -> str:
+    """A record field as text; missing (None, NaN) is ''."""
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -21,252 +55,248 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: f
     return float(lo), float(hi)
 
 
+# ---------------------------------------------------------------------------------------------- configurations
+
+def configurations(frame: pd.DataFrame) -> pd.DataFrame:
+    """The records with more columns: `config` (canonical JSON of CONFIG_FIELDS), its readable `label` (unique
+    among the configurations of one (task, model, layer)), `item` (what seeds are averaged over: the concept;
+    for a record without one, its seed and feature), `by_concept` (the item is a concept) and a numeric `value`."""
+    if {"config", "label", "item", "by_concept"} <= set(frame.columns):
+        return frame  # already done
+    f = normalize(frame).reset_index(drop=True)
+    col = {c: f[c].tolist() for c in (*CONFIG_FIELDS, "concept", "seed", "feature")}
+    params = [{k: v for k, v in p.items() if k != "seed"} for p in col["params"]]
+    configs = [canonical([_text(m), _text(src), _text(la), _text(si), _text(me), p, _text(t), tp, _text(j)])
+               for m, src, la, si, me, p, t, tp, j in zip(col["model"], col["model_source"], col["layer"], col["site"],
+                                                          col["method"], params, col["task"], col["task_params"],
+                                                          col["judge"], strict=True)]
+    by_concept = [_text(c) != "" for c in col["concept"]]
+    items = [_text(c) if ok else f"seed {_text(s)} feature {_text(ft)}"
+             for c, ok, s, ft in zip(col["concept"], by_concept, col["seed"], col["feature"], strict=True)]
+    f = f.assign(config=configs, item=items, by_concept=by_concept, value=pd.to_numeric(f["value"], errors="coerce"))
+    first = np.flatnonzero(~f["config"].duplicated().to_numpy())
+    firsts = f.iloc[first]
+    descriptors = {f.at[i, "config"]: _descriptor(f.loc[i], params[i]) for i in first}
+    return f.assign(label=f["config"].map(_labels(firsts, descriptors)).astype(object))
+
+
+def _descriptor(r: pd.Series, params: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """What may tell apart configurations of one method at one (model, layer, task), as canonical JSON."""
+    d = {("site", "site"): canonical(_text(r["site"]).split("@")[0])}
+    d.update({("param", k): canonical(v) for k, v in sorted(params.items()) if k != "site"})
+    d.update({("task", k): canonical(v) for k, v in sorted(r["task_params"].items())})
+    d[("judge", "judge")] = canonical(_text(r["judge"]))
+    d[("source", "src")] = canonical(hashlib.sha1(_text(r["model_source"]).encode()).hexdigest()[:6])
+    return d
+
+
+def _labels(firsts: pd.DataFrame, descriptors: dict[str, dict[tuple[str, str], str]]) -> dict[str, str]:
+    """config -> label: the method name, plus what varies between its configurations at one (model, layer, task),
+    e.g. `dim@resid`, `snmf(k=100)`."""
+    varying: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for (method, *_), group in firsts.groupby(["method", "model", "layer", "task"], sort=False, dropna=False):
+        ds = [descriptors[c] for c in group["config"]]
+        for key in set().union(*ds):
+            if len({d.get(key) for d in ds}) > 1:
+                varying[method].add(key)
+    labels = {}
+    for config, method in zip(firsts["config"], firsts["method"], strict=True):
+        d = descriptors[config]
+        keys = [k for k in d if k in varying[method]]
+        label = _text(method) + (f"@{_short(d[('site', 'site')])}" if ("site", "site") in keys else "")
+        parts = [f"{ABBREV.get(k[1], k[1])}={_short(d[k])}" for k in keys if k[0] != "site"]
+        labels[config] = label + (f"({', '.join(parts)})" if parts else "")
+    for _, group in firsts.groupby(["task", "model", "layer"], sort=False, dropna=False):  # a safety net
+        clash = group["config"].map(labels).duplicated(keep=False).to_numpy()
+        for config in group["config"][clash]:
+            labels[config] += "#" + hashlib.sha1(config.encode()).hexdigest()[:6]
+    return labels
+
+
+def _short(text: str, width: int = 24) -> str:
+    """A canonical JSON value as short label text: strings bare ('' is none), floats with %g, long values cut."""
+    value = json.loads(text)
+    out = (value or "none") if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else canonical(
+        value)
+    return out if len(out) <= width else out[: width - 1] + "…"
+
+
+def item_means(frame: pd.DataFrame) -> pd.DataFrame:
+    """Test-split records -> one row per (configuration, metric, item): the mean of its scored values over
+    seeds (NaN when none is scored), `by_concept`, and the configuration's task, label, method, model, layer."""
+    f = configurations(frame)
+    test = f[f["split"] == "test"]
+    agg = test.groupby(["config", "metric", "item"], sort=False).agg(value=("value", "mean"),
+                                                                     by_concept=("by_concept", "first"))
+    info = test.drop_duplicates("config").set_index("config")[["task", "label", "method", "model", "layer"]]
+    return agg.reset_index().join(info, on="config")
+
+
+# ---------------------------------------------------------------------------------------------- leaderboard
+
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Test-split records -> one row per (task, metric, method, model, layer): mean, CI, scored count, coverage."""
-    test = frame[frame["split"] == "test"]
+    """Test-split records -> one row per (configuration, metric): label, mean over concepts (each the mean over
+    seeds), bootstrap 95% CI, concepts scored, coverage (scored records / records), seeds and full parameters."""
+    f = configurations(frame)
+    test = f[f["split"] == "test"]
     rows = []
-    for key, group in test.groupby(["task", "metric", "method", "model", "layer"], sort=True):
-        values = group["value"].dropna().to_numpy(dtype=float)
+    for (_, metric), g in test.groupby(["config", "metric"], sort=False):
+        items = g.groupby("item", sort=False)["value"].mean()
+        values = items.dropna().to_numpy(dtype=float)
         lo, hi = bootstrap_ci(values)
-        rows.append({**dict(zip(["task", "metric", "method", "model", "layer"], key, strict=True)),
-                     "mean": float(values.mean()) if len(values) else float("nan"), "ci_low": lo, "ci_high": hi,
-                     "n_scored": len(values), "coverage": len(values) / len(group)})
-    return pd.DataFrame(rows)
+        r = g.iloc[0]
+        seeds = sorted({_text(s) for s in g["seed"]})
+        rows.append({"task": r["task"], "metric": metric, "label": r["label"], "method": r["method"],
+                     "model": r["model"], "layer": r["layer"], "mean": float(values.mean()) if len(values) else np.nan,
+                     "ci_low": lo, "ci_high": hi, "n_scored": len(values), "coverage": g["value"].notna().mean(),
+                     "n_seeds": len(seeds), "seeds": ",".join(seeds), "site": r["site"],
+                     "model_source": r["model_source"], "judge": r["judge"],
+                     "params": canonical({k: v for k, v in r["params"].items() if k != "seed"}),
+                     "task_params": canonical(r["task_params"])})
+    out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    return out.sort_values(["task", "metric", "label", "model", "layer"], kind="stable").reset_index(drop=True)
 
 
-def leaderboard(frame: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
-    """{(task, metric): table of method x (model, layer) cells "mean [lo, hi] n=N"}."""
+def _column(summ: pd.DataFrame) -> pd.Series:
+    return summ["model"].astype(str) + " L" + summ["layer"].astype(str)
+
+
+def _pivot(summ: pd.DataFrame, cells: pd.Series, index: list[str] | str = "label") -> pd.DataFrame:
+    """Rows `index`, columns "model L<layer>" in (model, layer) order, cells `cells`."""
+    g = summ.assign(cell=cells, column=_column(summ))
+    table = g.pivot(index=index, columns="column", values="cell")
+    order = g.drop_duplicates("column").sort_values(["model", "layer"])["column"]
+    table = table[list(order)].fillna("")
+    table.columns.name = None
+    return table
+
+
+def _cell(r: pd.Series, n: bool = True) -> str:
+    if np.isnan(r["mean"]):
+        text = "unscored"
+    else:
+        text = f"{r['mean']:.3f}" + (f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if not np.isnan(r["ci_low"]) else "")
+    if n:
+        text += f" n={r['n_scored']}" + (f" ({r['coverage']:.0%} scored)" if r["coverage"] < 1 else "")
+    return text
+
+
+def leaderboard(frame: pd.DataFrame, summ: pd.DataFrame | None = None) -> dict[tuple[str, str], pd.DataFrame]:
+    """{(task, metric): table of configuration label x (model, layer) cells "mean [lo, hi] n=N"} (from `summ`,
+    the frame's summary, when given)."""
     tables = {}
-    summ = summary(frame)
-    for (task, metric), group in summ.groupby(["task", "metric"], sort=True):
-        def cell(r: pd.Series) -> str:
-            text = f"{r['mean']:.3f}"
-            if not np.isnan(r["ci_low"]):
-                text += f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
-            text += f" n={r['n_scored']}"
-            return text + (f" ({r['coverage']:.0%} scored)" if r["coverage"] < 1 else "")
-
-        g = group.assign(cell=group.apply(cell, axis=1), column=group["model"] + " L" + group["layer"].astype(str))
-        table = g.pivot(index="method", columns="column", values="cell")
-        order = g.drop_duplicates("column").sort_values(["model", "layer"])["column"]
-        tables[(task, metric)] = table[list(order)].fillna("")
+    for (task, metric), g in (summary(frame) if summ is None else summ).groupby(["task", "metric"], sort=True):
+        table = _pivot(g, g.apply(_cell, axis=1))
+        table.index.name = "method"
+        tables[(task, metric)] = table
     return tables
 
 
 def write_leaderboard(frame: pd.DataFrame, out: Path) -> str:
-    """Write leaderboard.md and leaderboard.csv (tidy summary) into `out`; return the Markdown."""
+    """Write leaderboard.md and leaderboard.csv (tidy summary), paired.md and paired.csv into `out`; return the
+    leaderboard's Markdown."""
     out.mkdir(parents=True, exist_ok=True)
+    frame = configurations(frame)
+    summ = summary(frame)
     parts = []
-    for (task, metric), table in leaderboard(frame).items():
-        parts.append(f"### {task}: {metric} (test split; mean over concepts, bootstrap 95% CI, n scored)\n")
+    for (task, metric), table in leaderboard(frame, summ).items():
+        parts.append(f"### {task}: {metric} {_HEADER}\n")
         parts.append(table.to_markdown() + "\n")
-    markdown = "\n".join(parts) if parts else "(no test-split records)\n"
+    markdown = "\n".join(parts) if parts else "(no test-split records: a run stopped before its first task)\n"
     (out / "leaderboard.md").write_text(markdown)
-    summary(frame).to_csv(out / "leaderboard.csv", index=False)
+    summ.to_csv(out / "leaderboard.csv", index=False)
+    write_paired(frame, out)
     return markdown
 
 
-# ----------------------------------------------------------------------------------------------- figures
-# Each figure is a function frame -> Figure (or None when the frame has no records for it).
+def main_metric(task: str, metrics: list[str]) -> str:
+    """The headline metric of `task`: the task class's `main_metric`, else MAIN_METRICS, else the first of
+    `metrics` (the task's test-split metrics in record order)."""
+    from bench import registry
 
-_PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
-METHOD_COLORS = {"snmf": "#1b9e77", "sae": "#d95f02", "dim": "#7570b3"}
-
-
-def method_color(name: str) -> str:
-    """A fixed colour per method name, the same in every figure (unknown names hash into the palette)."""
-    if name in METHOD_COLORS:
-        return METHOD_COLORS[name]
-    import zlib
-
-    return _PALETTE[3 + zlib.crc32(name.encode()) % (len(_PALETTE) - 3)]
+    declared = getattr(registry.TASKS.get(task), "main_metric", None) or MAIN_METRICS.get(task)
+    return declared if declared in metrics else metrics[0]
 
 
-def _style() -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    matplotlib.rcParams.update({"figure.dpi": 120, "axes.spines.top": False, "axes.spines.right": False,
-                                "axes.grid": True, "grid.alpha": 0.3, "font.size": 9, "legend.frameon": False})
-
-
-def fig_metric_by_layer(frame: pd.DataFrame, task: str, metric: str, ylabel: str, title: str):  # noqa: ANN201
-    """One panel per model: the test-split mean of `metric` over concepts per layer, a line per method,
-    with bootstrap 95% CIs as bands. Returns a Figure, or None without such records."""
-    import matplotlib.pyplot as plt
-
-    summ = summary(frame)
-    summ = summ[(summ["task"] == task) & (summ["metric"] == metric)] if len(summ) else summ
+def headline(frame: pd.DataFrame) -> str:
+    """One compact Markdown table: per task its main metric, rows = configuration label, columns = (model,
+    layer), cells "mean [lo, hi]"."""
+    f = configurations(frame)
+    summ = summary(f)
     if summ.empty:
-        return None
-    _style()
-    models = sorted(summ["model"].unique())
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.2), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        for method, g in summ[summ["model"] == model].groupby("method"):
-            g = g.sort_values("layer")
-            ax.plot(g["layer"], g["mean"], marker="o", color=method_color(method), label=method)
-            ax.fill_between(g["layer"], g["ci_low"], g["ci_high"], color=method_color(method), alpha=0.15)
-        ax.set_title(model)
-        ax.set_xlabel("layer (index)")
-        ax.set_ylabel(ylabel)
-        ax.legend(title="method")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+        return "(no test-split records)\n"
+    test = f[f["split"] == "test"]
+    picked = []
+    for task in summ["task"].drop_duplicates():
+        metric = main_metric(task, list(dict.fromkeys(test.loc[test["task"] == task, "metric"])))
+        picked.append(summ[(summ["task"] == task) & (summ["metric"] == metric)])
+    summ = pd.concat(picked)
+    summ = summ.assign(task=summ["task"] + ": " + summ["metric"], configuration=summ["label"])
+    table = _pivot(summ, summ.apply(_cell, axis=1, n=False), index=["task", "configuration"])
+    return table.reset_index().to_markdown(index=False) + "\n"
 
 
-def fig_detection(frame: pd.DataFrame):  # noqa: ANN201
-    return fig_metric_by_layer(frame, "detection", "auroc", "test AUROC (0.5 = chance)",
-                               "Concept detection: matched feature's AUROC per layer")
+# ---------------------------------------------------------------------------------------------- paired
+
+def permutation_p(a: np.ndarray, b: np.ndarray, n_perm: int = 9999, seed: int = 0) -> float:
+    """Two-sided paired permutation p-value of mean(a - b): the signs of the differences are flipped at random
+    (seeded) `n_perm` times and p = (1 + count) / (1 + n_perm), count = flips with |mean| >= the observed |mean|.
+    NaN for fewer than two pairs. (numpy: scipy.stats.permutation_test gives the same test ~40x slower, too slow
+    for the hundreds of pairs of a report.)"""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)  # [n]
+    if len(d) < 2:
+        return float("nan")
+    observed = abs(d.sum())
+    rng = np.random.default_rng(seed)
+    count = 0
+    for start in range(0, n_perm, 2048):  # chunks keep memory at 2048 x n
+        signs = rng.choice([-1.0, 1.0], size=(min(2048, n_perm - start), len(d)))  # [chunk, n]
+        count += int(np.count_nonzero(np.abs(signs @ d) >= observed - 1e-9 * max(1.0, observed)))
+    return (1 + count) / (1 + n_perm)
 
 
-def fig_steering(frame: pd.DataFrame):  # noqa: ANN201
-    return fig_metric_by_layer(frame, "steering", "score", "harmonic mean of concept, instruction, fluency (0-2)",
-                               "Steering at the chosen factor (test instructions)")
-
-
-def _panels(n: int, width: float = 4.2, height: float = 3.4):  # noqa: ANN202
-    import matplotlib.pyplot as plt
-
-    _style()
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return fig, axes[0]
-
-
-def fig_tradeoff(frame: pd.DataFrame):  # noqa: ANN201
-    """Concept score against fluency as the steering factor grows (dev sweep, mean over concepts and layers),
-    a line per method; the unsteered reference (alpha = 0, test instructions) as a black cross."""
-    f = frame[frame["task"] == "steering"]
-    sweep = f[f["metric"].isin(["sweep_concept", "sweep_fluency"])] if len(f) else f
-    if sweep.empty or "factor" not in sweep:
-        return None
-    models = sorted(sweep["model"].unique())
-    fig, axes = _panels(len(models))
-    for ax, model in zip(axes, models, strict=True):
-        m = sweep[sweep["model"] == model]
-        table = m.pivot_table(index=["method", "factor"], columns="metric", values="value", aggfunc="mean")
-        for method, g in table.groupby(level="method"):
-            g = g.droplevel("method").sort_index()
-            ax.plot(g["sweep_fluency"], g["sweep_concept"], marker="o", color=method_color(method), label=method)
-            for factor, row in g.iterrows():
-                ax.annotate(f"{factor:g}", (row["sweep_fluency"], row["sweep_concept"]), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
-        base = f[(f["model"] == model) & f["metric"].isin(["concept_base", "fluency_base"])]
-        if len(base):
-            means = base.groupby("metric")["value"].mean()
-            ax.scatter([means.get("fluency_base")], [means.get("concept_base")], marker="x", color="black",
-                       label="alpha = 0")
-        ax.set_xlabel("fluency (0-2)")
-        ax.set_ylabel("concept score (0-2)")
-        ax.set_title(f"{model}: labels = steering factor")
-        ax.legend()
-    fig.suptitle("Steering trade-off: concept vs fluency as the factor grows")
-    fig.tight_layout()
-    return fig
-
-
-def win_rates(frame: pd.DataFrame, metric: str = "score") -> pd.DataFrame:
-    """P(row method scores higher than column method) over shared (model, layer, concept); ties count half."""
-    t = frame[(frame["task"] == "steering") & (frame["metric"] == metric) & (frame["split"] == "test")]
-    wide = t.pivot_table(index=["model", "layer", "concept"], columns="method", values="value", aggfunc="mean")
-    methods = list(wide.columns)
-    out = pd.DataFrame(np.nan, index=methods, columns=methods)
-    for a in methods:
-        for b in methods:
-            if a == b:
+def paired(frame: pd.DataFrame, n_perm: int = 9999, seed: int = 0) -> pd.DataFrame:
+    """Every pair of configurations at one (model, layer, task, metric), test split, over their shared concepts
+    (records without a concept are not paired): mean of a and b, mean difference a - b with a paired bootstrap
+    95% CI (resampling concepts), two-sided sign-flip permutation p-value, win rate of a (ties half) and n."""
+    m = item_means(frame)
+    m = m[m["by_concept"].astype(bool)].dropna(subset=["value"])
+    rows = []
+    for (task, metric, model, layer), g in m.groupby(["task", "metric", "model", "layer"], sort=True):
+        wide = g.pivot(index="item", columns="label", values="value")
+        labels = sorted(wide.columns)
+        values = wide[labels].to_numpy(dtype=float)  # [concepts, configurations]
+        for (i, a), (j, b) in combinations(enumerate(labels), 2):
+            both = ~np.isnan(values[:, i]) & ~np.isnan(values[:, j])
+            if not both.any():
                 continue
-            both = wide[[a, b]].dropna()
-            if len(both):
-                out.loc[a, b] = float(((both[a] > both[b]) + 0.5 * (both[a] == both[b])).mean())
-    return out
+            x, y = values[both, i], values[both, j]
+            lo, hi = bootstrap_ci(x - y, seed=seed)
+            rows.append({"task": task, "metric": metric, "model": model, "layer": layer, "a": a, "b": b,
+                         "n": int(both.sum()), "mean_a": x.mean(), "mean_b": y.mean(), "diff": float((x - y).mean()),
+                         "ci_low": lo, "ci_high": hi, "p_value": permutation_p(x, y, n_perm, seed),
+                         "win_rate": float(((x > y) + 0.5 * (x == y)).mean())})
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
-def _heatmap(ax, table: pd.DataFrame, cmap: str, vmin: float, vmax: float, fmt: str = "{:.2f}"):  # noqa: ANN001, ANN202
-    im = ax.imshow(table.to_numpy(dtype=float), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(table.shape[1]), table.columns, rotation=60, ha="right")
-    ax.set_yticks(range(table.shape[0]), table.index)
-    ax.grid(False)
-    for i in range(table.shape[0]):
-        for j in range(table.shape[1]):
-            v = table.iat[i, j]
-            if not pd.isna(v):
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7)
-    return im
-
-
-def fig_win_rate(frame: pd.DataFrame):  # noqa: ANN201
-    table = win_rates(frame)
-    if table.shape[0] < 2:
-        return None
-    fig, (ax,) = _panels(1, 4.5, 3.8)
-    fig.colorbar(_heatmap(ax, table, "RdBu", 0, 1), ax=ax, label="win rate (row beats column)")
-    ax.set_title("Steering win rate over (model, layer, concept)")
-    fig.tight_layout()
-    return fig
-
-
-def fig_concept_heatmap(frame: pd.DataFrame):  # noqa: ANN201
-    t = frame[(frame["task"] == "steering") & (frame["metric"] == "score") & (frame["split"] == "test")]
-    if t.empty:
-        return None
-    table = t.pivot_table(index="method", columns="concept", values="value", aggfunc="mean")
-    fig, (ax,) = _panels(1, max(5, 0.45 * table.shape[1] + 2), 1 + 0.5 * table.shape[0])
-    fig.colorbar(_heatmap(ax, table, "viridis", 0, 2, "{:.1f}"), ax=ax, label="harmonic mean (0-2)")
-    ax.set_title("Steering score per concept (test, mean over models and layers)")
-    fig.tight_layout()
-    return fig
-
-
-def fig_labels(frame: pd.DataFrame):  # noqa: ANN201
-    """Distribution of per-feature label scores per method (box plots), one panel per metric."""
-    t = frame[(frame["task"] == "labeling") & frame["metric"].isin(["label_accuracy", "label_f1"])]
-    t = t.dropna(subset=["value"])
-    if t.empty:
-        return None
-    metrics = sorted(t["metric"].unique())
-    fig, axes = _panels(len(metrics), 4.0, 3.2)
-    for ax, metric in zip(axes, metrics, strict=True):
-        g = t[t["metric"] == metric]
-        methods = sorted(g["method"].unique())
-        box = ax.boxplot([g.loc[g["method"] == m, "value"] for m in methods], patch_artist=True)
-        for patch, m in zip(box["boxes"], methods, strict=True):
-            patch.set_facecolor(method_color(m))
-            patch.set_alpha(0.6)
-        ax.set_xticks(range(1, len(methods) + 1), methods)
-        ax.set_ylabel(f"{metric.replace('_', ' ')} per feature")
-        ax.set_ylim(0, 1)
-    fig.suptitle("Labeling: how well a feature's label predicts where it fires")
-    fig.tight_layout()
-    return fig
-
-
-FIGURES = {
-    "detection_auroc_by_layer": fig_detection,
-    "steering_score_by_layer": fig_steering,
-    "steering_tradeoff": fig_tradeoff,
-    "steering_win_rate": fig_win_rate,
-    "steering_concept_heatmap": fig_concept_heatmap,
-    "labeling_scores": fig_labels,
-}
-
-
-def write_figures(frame: pd.DataFrame, out: Path) -> list[Path]:
-    """Save every figure that has records as PNG and PDF in `out`; return the paths written."""
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, make in FIGURES.items():
-        fig = make(frame)
-        if fig is None:
-            log.info("figure %s: no records for it, skipped", name)
-            continue
-        for ext in ("png", "pdf"):
-            fig.savefig(out / f"{name}.{ext}", bbox_inches="tight")
-            written.append(out / f"{name}.{ext}")
-        plt.close(fig)
-    return written
+def write_paired(frame: pd.DataFrame, out: Path) -> str:
+    """Write paired.md (a table per task and metric) and paired.csv into `out`; return the Markdown."""
+    table = paired(frame)
+    parts = []
+    for (task, metric), g in table.groupby(["task", "metric"], sort=True):
+        shown = pd.DataFrame({
+            "model": g["model"], "layer": g["layer"], "a": g["a"], "b": g["b"], "n": g["n"],
+            "a - b [95% CI]": [f"{d:+.3f} [{lo:+.2f}, {hi:+.2f}]" if not np.isnan(lo) else f"{d:+.3f}"
+                               for d, lo, hi in zip(g["diff"], g["ci_low"], g["ci_high"], strict=True)],
+            "p": [f"{p:.4f}" if not np.isnan(p) else "" for p in g["p_value"]],
+            "a wins": [f"{w:.0%}" for w in g["win_rate"]]})
+        parts.append(f"### {task}: {metric} (test split; paired over shared concepts, bootstrap 95% CI of the mean "
+                     "difference, two-sided sign-flip permutation p, win rate of a with ties half)\n")
+        parts.append(shown.to_markdown(index=False, disable_numparse=True) + "\n")
+    markdown = "\n".join(parts) if parts else "(no pairs of configurations scored on shared concepts)\n"
+    (out / "paired.md").write_text(markdown)
+    table.to_csv(out / "paired.csv", index=False)
+    return markdown
 
 
 def write_latex(frame: pd.DataFrame, out: Path) -> Path:
@@ -276,6 +306,17 @@ def write_latex(frame: pd.DataFrame, out: Path) -> Path:
         body = table.to_latex(escape=True, caption=f"{task}: {metric} (test split, mean [95\\% CI] n)",
                               label=f"tab:{task}-{metric}")
         parts.append(body)
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "leaderboard.tex"
     path.write_text("\n".join(parts))
     return path
+
+
+def __getattr__(name: str) -> Any:
+    """Figures moved to `bench.figures`; their old names here still work."""
+    if name in ("FIGURES", "write_figures", "method_color", "win_rates", "_style", "METHOD_COLORS") or name.startswith(
+            "fig_"):
+        from bench import figures
+
+        return getattr(figures, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,18 +1,17 @@
-"""The run loop: units (model, layer, method, task), records on disk, done markers, resume."""
+"""The run loop: units (model, layer, method, task), records on disk, done markers, exact resume, one writer."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
-import platform
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -21,10 +20,13 @@ from bench import registry
 from bench.activations import ActivationCache, Activations
 from bench.config import RunConfig, build, check_params
 from bench.data import ConceptData, load_lines
+from bench.feature_labels import label_features, settings_from
 from bench.features import steering_sites
+from bench.fits import Fit, FitCache, params_json
 from bench.models import describe, load
 from bench.protocols import Context, FeatureMethod
 from bench.results import Score, append_jsonl, read_jsonl, to_record
+from bench.rundir import environment, lock_run_dir, read_env, repair_tail, utc_now, write_atomic, write_env
 from bench.sites import Site, n_layers, resolve_layers
 
 log = logging.getLogger(__name__)
@@ -77,57 +79,65 @@ def unit_key(model: str, layer: int, method: str, task: str) -> str:
     return f"{model}|{layer}|{method}|{task}"
 
 
-def environment(device: str) -> dict[str, Any]:
-    """Versions and hardware for env.json."""
-    import importlib.metadata as md
+def task_params(task: Any) -> dict[str, Any]:
+    """A task's parameters (its dataclass fields) as plain JSON values; {} for a task without fields."""
+    return json.loads(json.dumps(dataclasses.asdict(task), default=str)) if dataclasses.is_dataclass(task) else {}
 
-    def version(pkg: str) -> str | None:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "featbench_commit": commit,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": {p: version(p) for p in ("featbench", "torch", "transformers", "sae-lens", "datasets",
-                                               "scikit-learn", "openai", "gguf")},
-        "device": device,
-        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
-        "models": {},
-    }
+RUN_FILES = ("units.jsonl", "records.jsonl", "samples.jsonl")
 
 
 class Run:
-    """One run directory: results/<run_id>/{config.json, env.json, records.jsonl, samples.jsonl, units.jsonl}."""
+    """One run directory: results/<run_id>/{config.json, env.json, records.jsonl, samples.jsonl, units.jsonl}.
+
+    A Run (other than a dry run) holds the directory's lock from construction until `execute()` returns or
+    `close()`: a second writer of the same directory fails at once with the holder's pid."""
 
     def __init__(self, cfg: RunConfig, out: Path, resume: bool = False, dry_run: bool = False) -> None:
-        self.cfg, self.out = cfg, out
+        self.cfg, self.out, self.resume = cfg, out, resume
         self.methods, self.tasks = selected(cfg)
+        self.device = resolve_device(cfg.device)
+        self._lock: IO[str] | None = None
         if dry_run:
             self.run_id = out.name
-        elif resume:
-            saved = json.loads((out / "config.json").read_text())
-            self.run_id = saved["run_id"]
-            self._drop_unfinished()
         else:
-            if (out / "records.jsonl").exists():
-                raise FileExistsError(f"{out} already holds a run; use --resume {out} or another --out")
-            out.mkdir(parents=True, exist_ok=True)
-            self.run_id = out.name
-            (out / "config.json").write_text(json.dumps({"run_id": self.run_id, **cfg.to_dict()}, indent=2))
-        self.device = resolve_device(cfg.device)
-        self.env = environment(self.device)
+            self._lock = lock_run_dir(out)
+            try:
+                self._open(resume)
+            except BaseException:
+                self.close()
+                raise
         self.done = {u["unit"] for u in read_jsonl(out / "units.jsonl")}
         self.cache = ActivationCache()
+        self.fits = FitCache()
         self.instructions = load_lines(None, "instructions.jsonl")
         self._judge: Any = None
+
+    def _open(self, resume: bool) -> None:
+        if resume:
+            self.run_id = json.loads((self.out / "config.json").read_text())["run_id"]
+            for name in RUN_FILES:
+                repair_tail(self.out / name)
+            self._drop_unfinished()
+            return
+        if (self.out / "records.jsonl").exists() or (self.out / "units.jsonl").exists():
+            raise FileExistsError(f"{self.out} already holds a run; use --resume {self.out} or another --out")
+        for name in ("samples.jsonl", "env.json"):  # left by an earlier start that finished no unit
+            (self.out / name).unlink(missing_ok=True)
+        self.run_id = self.out.name
+        write_atomic(self.out / "config.json", json.dumps({"run_id": self.run_id, **self.cfg.to_dict()}, indent=2))
+
+    def close(self) -> None:
+        """Release the run directory's lock (the process's exit releases it too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def judge(self) -> Any:
         """The run's judge (`cfg.judge`), built on first use by a task that declares `needs_judge`."""
@@ -135,7 +145,8 @@ class Run:
         if needs and self._judge is None:
             from bench.judge import make_judge
 
-            self._judge = make_judge(self.cfg.judge, base_url=self.cfg.judge_base_url, device=self.device)
+            self._judge = make_judge(self.cfg.judge, base_url=self.cfg.judge_base_url, device=self.device,
+                                     templates=self.cfg.judge_templates)
         return self._judge
 
     def _drop_unfinished(self) -> None:
@@ -144,11 +155,10 @@ class Run:
         for name in ("records.jsonl", "samples.jsonl"):
             path = self.out / name
             rows = read_jsonl(path)
-            keep = [r for r in rows if unit_key(r["model"], r["layer"], r["method"], r["task"]) in done]
-            if len(keep) != len(rows) or (path.exists() and not path.read_text().endswith("\n")):
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps(r, default=str, sort_keys=True) + "\n" for r in keep))
-                tmp.replace(path)
+            keep = [r for r in rows if unit_key(r.get("model"), r.get("layer"), r.get("method"), r.get("task"))
+                    in done]  # type: ignore[arg-type]
+            if len(keep) != len(rows):
+                write_atomic(path, "".join(json.dumps(r, default=str, sort_keys=True) + "\n" for r in keep))
                 log.info("resume: dropped %d rows of unfinished units from %s", len(rows) - len(keep), name)
 
     def units(self, model_id: str, layers: list[int]) -> Iterator[tuple[int, str, list[str]]]:
@@ -177,7 +187,7 @@ class Run:
     def estimate(self) -> dict[str, float]:
         """Rough cost of the pending work: forward tokens and FLOPs of activation collection, and what the
         tasks declare through an optional `cost(n_concepts, n_instructions) -> dict` (generations, judge calls)."""
-        concepts = ConceptData.load(self.cfg.concepts)
+        concepts = ConceptData.load(self.cfg.concepts, self.cfg.concept_columns, self.cfg.seed)
         tokens_per_text = min(self.cfg.max_len, 1 + concepts.frame["text"].str.len().mean() / 4)
         total: dict[str, float] = {"forward_tokens": 0.0, "forward_tflop": 0.0}
         pending = [r for r in self.plan() if r["state"] == "pending"]
@@ -193,15 +203,43 @@ class Run:
         return total
 
     def execute(self) -> Path:
-        """Run every pending unit; safe to kill at any point and continue with `resume=True`."""
-        concepts = ConceptData.load(self.cfg.concepts)
+        """Run every pending unit; safe to kill at any point and continue with `resume=True`.
+
+        Appends this start to env.json (`starts`), with its end time, seconds and status once it ends, and
+        releases the run directory's lock when it returns or raises."""
+        t0, status = time.perf_counter(), "error"
+        try:
+            start = {**environment(self.device), "resume": self.resume, "units": 0,
+                     "fits": {"fitted": 0, "loaded": 0}}
+            env = read_env(self.out)
+            env["starts"].append(start)
+            write_env(self.out, env)
+            try:
+                self._execute(env, start)
+                status = "finished"
+            except KeyboardInterrupt:
+                status = "interrupted"
+                raise
+            except BaseException as e:
+                status = f"error: {type(e).__name__}: {e}"
+                raise
+            finally:
+                start.update(ended=utc_now(), seconds=round(time.perf_counter() - t0, 3), status=status)
+                write_env(self.out, env)
+        finally:
+            self.close()
+        return self.out
+
+    def _execute(self, env: dict[str, Any], start: dict[str, Any]) -> None:
+        concepts = ConceptData.load(self.cfg.concepts, self.cfg.concept_columns, self.cfg.seed)
         per_layer = len(self.methods) * (len(self.tasks) + 1)
         bar = tqdm(total=0, desc="units", unit="unit")
         self.plan()  # validate every model, layer, method and release before any work
+        labels = settings_from(self.cfg.task.get("feature_labels", {}))  # ctx.labels: shared by feature tasks
         for model_id in self.cfg.models:
             model, tok, prov = load(model_id, self.device)
-            self.env["models"][model_id] = prov
-            (self.out / "env.json").write_text(json.dumps(self.env, indent=2, default=str))
+            start["models"][model_id] = prov
+            write_env(self.out, env)
             layers = resolve_layers(list(self.cfg.layers), n_layers(model))
             bar.total += len(layers) * per_layer
             bar.update(sum(1 for key in self.done if key.startswith(f"{model_id}|")))
@@ -211,42 +249,46 @@ class Run:
             source = _model_source(model_id, prov)
             for layer, name, pending in self.units(model_id, layers):
                 method = make_method(name, self.cfg, layer)
+                fit = self.fits.fit(name, method, data.acts("train", method.site).cap(self.cfg.max_fit_tokens,
+                                                                                       self.cfg.seed))
+                start["fits"]["loaded" if fit.cached else "fitted"] += 1
                 base = {"run_id": self.run_id, "model": model_id, "model_source": source, "layer": layer,
-                        "site": str(method.site), "method": name, "seed": self.cfg.seed}
-                fit_acts = data.acts("train", method.site).cap(self.cfg.max_fit_tokens, self.cfg.seed)
-                t0 = time.perf_counter()
-                method.fit(fit_acts)
-                fit_seconds = time.perf_counter() - t0
-                params = json.loads(json.dumps(dataclasses.asdict(method), default=str))
-                base["params"] = params
+                        "site": str(method.site), "method": name, "params": params_json(method),
+                        "seed": self.cfg.seed, "fit_key": fit.key}
                 ctx = Context(model, tok, model_id, layer, concepts, data.acts, self.cfg.seed, lambda row: None,
-                              judge=self.judge(), instructions=self.instructions, device=self.device)
+                              judge=self.judge(), instructions=self.instructions, device=self.device,
+                              fit_key=fit.key)
+                ctx.labels = functools.partial(label_features, ctx=ctx, settings=labels)
                 for task_name in pending:
                     bar.set_postfix_str(f"{model_id} L{layer} {name} {task_name}")
-                    self._unit(task_name, method, ctx, {**base, "task": task_name}, fit_seconds)
+                    self._unit(task_name, method, ctx, base, fit)
+                    start["units"] += 1
                     bar.update(1)
             del model, data
         bar.close()
-        return self.out
 
-    def _unit(self, task_name: str, method: FeatureMethod, ctx: Context, base: dict[str, Any],
-              fit_seconds: float) -> None:
+    def _unit(self, task_name: str, method: FeatureMethod, ctx: Context, base: dict[str, Any], fit: Fit) -> None:
+        """Run one task (or record the fit), then append its samples, its records and its done marker."""
         samples: list[dict[str, Any]] = []
-        ctx.samples = lambda row: samples.append({**{k: base[k] for k in ("model", "layer", "method", "task")},
-                                                  **row})
+        base = {**base, "task": task_name, "task_params": {}, "judge": None}
+        ctx.samples = lambda row: samples.append(
+            {**{k: base[k] for k in ("model", "layer", "method", "task", "fit_key")}, **row})
         if task_name == "fit":
-            metrics = {"fit_seconds": fit_seconds, **getattr(method, "fit_metrics_", {})}
+            metrics = {"fit_seconds": fit.seconds, **getattr(method, "fit_metrics_", {})}
             scores = [Score(k, float(v), split="train") for k, v in metrics.items()]
         else:
+            task = make_task(task_name, self.cfg)
+            base["task_params"] = task_params(task)
             if getattr(registry.TASKS[task_name], "needs_judge", False):
-                base = {**base, "judge": getattr(ctx.judge, "name", None) or getattr(ctx.judge, "model", None)}
+                base["judge"] = getattr(ctx.judge, "name", None) or getattr(ctx.judge, "model", None)
             torch.manual_seed(self.cfg.seed)
-            scores = list(make_task(task_name, self.cfg).run(method, ctx))
+            scores = list(task.run(method, ctx))
+        key = unit_key(base["model"], base["layer"], base["method"], task_name)
         append_jsonl(self.out / "samples.jsonl", samples)
         append_jsonl(self.out / "records.jsonl", [to_record(s, **base) for s in scores])
-        append_jsonl(self.out / "units.jsonl", [{"unit": unit_key(base["model"], base["layer"], base["method"],
-                                                                  task_name), "n_records": len(scores)}])
-        self.done.add(unit_key(base["model"], base["layer"], base["method"], task_name))
+        append_jsonl(self.out / "units.jsonl", [{"unit": key, "n_records": len(scores), "fit_key": fit.key,
+                                                 "fit_cached": fit.cached}])
+        self.done.add(key)
 
 
 class _ModelData:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -244,6 +244,8 @@ class SparseAutoencoder:
     dead_feature_window: int = 200  # steps without firing before the topk aux loss revives a feature
     seed: int = 0
     device: str = "cpu"
+
+    requires: ClassVar[tuple[str, ...]] = ("sae_lens: pip install 'featbench[sae]'",)  # bench.preflight
 
     def _sae_id(self, layer: int) -> str:
         template = self.sae_id or GEMMA3_270M_RELEASES.get(self.release or "")

@@ -5,7 +5,14 @@ iteration follows the reference code (ordavid-s/snmf-mlp-decomposition, factoriz
 (1) ridge least squares for Z; (2) hard winner-take-all: each column of Z keeps its ceil(sparsity*d)
 largest |entries|; (3) each row of Y is scaled to unit L2 norm, its column of Z takes the norm;
 (4) Ding-Li-Jordan multiplicative update of Y. The factors of the best loss are kept; the fit stops
-after `patience` iterations without an (absolute) improvement of `tol`, or at `max_iter`.
+after `patience` consecutive iterations without an improvement, or at `max_iter`.
+
+Stopping. An iteration improves when its loss L is below the best loss so far by more than the tolerance:
+L < best - tol * best with `tol_mode="relative"` (the default; scale-free: the same data times any constant
+stops at the same iteration), L < best - tol with `tol_mode="absolute"` (the reference's rule; its tol=1e-4 on
+an unnormalised ||A - ZY||_F^2 of ~1e6 counts every decrease, so its patience practically never triggers).
+An improving iteration becomes the best and resets the patience counter; any other iteration, including a
+smaller decrease, adds one to it (and does not move the best, as in the reference).
 
 Cost. The reference does three dense d*n*k products per iteration and rebuilds the d x n reconstruction
 for the loss. Here one pass over A (token chunks) per iteration does one dense product A Y^T, the sparse
@@ -49,11 +56,13 @@ log = logging.getLogger(__name__)
 INITS = ("random", "svd", "kmeans")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+TOL_MODES = ("relative", "absolute")
 RIDGE = 1e-6  # added to Y Y^T in the least squares for Z
 EPS = 1e-6  # added to the update's denominator; floor of the initial Y
 NORM_EPS = 1e-8  # floor of the row norms of Y when rescaling
 KMEANS_ITER, KMEANS_OFFSET = 15, 0.2
 ENCODE_BATCH = 8192
+KEEP_TOP = 100  # largest codes of Y kept per feature after the fit (for labels: the paper's top 25)
 USE_ONEDNN = True  # float32 A Y^T on CPU through oneDNN (strict float32); False: torch's default (MKL)
 
 
@@ -67,7 +76,8 @@ class SNMF:
     sparsity: float = 0.01  # fraction of d_mlp kept per feature by winner-take-all
     max_iter: int = 500
     patience: int = 100
-    tol: float = 1e-4  # absolute improvement of ||A - ZY||_F^2 that resets the patience counter
+    tol: float = 1e-4  # an iteration improves (resets patience) when loss < best - tol * best (see tol_mode)
+    tol_mode: str = "relative"  # relative: tol is a fraction of the best loss | absolute: loss < best - tol (reference)
     init: str = "random"  # random | svd | kmeans
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -87,7 +97,7 @@ class SNMF:
                              "lower n_features or use init='random'")
         y = self._init_y(data, n, d)  # [k, n]
         m, c = _sweep(data, y)  # A Y^T [d, k], Y Y^T [k, k]
-        best, best_z, stall, n_iter = math.inf, None, 0, 0
+        best, best_z, best_y, stall, n_iter = math.inf, None, None, 0, 0
         eye = torch.eye(k, dtype=torch.float64, device=c.device)
         bar = tqdm(range(self.max_iter), desc="snmf", unit="it", leave=False, disable=None)
         for it in bar:
@@ -98,8 +108,8 @@ class SNMF:
             z = torch.zeros_like(z).scatter_(0, idx, z.gather(0, idx)) * nrm
             m, c = _sweep(data, y, z, idx, nrm)
             loss = _loss(sq, z, m, c)
-            if loss < best - self.tol:
-                best, best_z, stall = loss, z.clone(), 0
+            if loss < best - self._margin(best):
+                best, best_z, best_y, stall = loss, z.clone(), y.clone(), 0
             else:
                 stall += 1
             bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
@@ -108,6 +118,7 @@ class SNMF:
         if best_z is None:
             raise FloatingPointError("snmf loss is not finite: check acts.x for NaN/inf, try dtype='float64'")
         self.directions_ = best_z.T.to("cpu", torch.float32).contiguous()  # [k, d]
+        self._keep_top(acts, best_y)
         self.fit_metrics_ = {
             "loss": best, "rel_error": math.sqrt(max(best, 0.0) / sq) if sq > 0 else 0.0,
             "n_iter": float(n_iter), "fit_seconds": time.perf_counter() - t0,
@@ -136,7 +147,28 @@ class SNMF:
             out.append(g.to(x.device, torch.float32))
         return torch.cat(out)
 
+    def _keep_top(self, acts: Activations, y: Tensor) -> None:
+        """Keep the KEEP_TOP largest codes of the best iterate's Y per feature, and where their tokens are, as
+        learned state: `top_codes_` [k, t] (descending), `top_prompt_`, `top_position_` [k, t] int64 (the
+        token's `acts.prompt_idx` and `acts.position`), so a feature's top tokens come from the fit itself."""
+        vals, idx = y.topk(min(KEEP_TOP, y.shape[1]), dim=1)  # [k, t]
+        idx = idx.cpu()
+        self.top_codes_ = vals.to("cpu", torch.float32).contiguous()
+        self.top_prompt_ = acts.prompt_idx.long()[idx].contiguous()
+        self.top_position_ = acts.position.long()[idx].contiguous()
+
+    def _margin(self, best: float) -> float:
+        """The decrease below `best` an iteration must exceed to count as an improvement (0 before the first)."""
+        if not math.isfinite(best):
+            return 0.0
+        return self.tol * abs(best) if self.tol_mode == "relative" else self.tol
+
     def _validate(self) -> None:
+        if self.tol_mode not in TOL_MODES:
+            raise ValueError(f"unknown tol_mode {self.tol_mode!r}; valid: {', '.join(TOL_MODES)}")
+        if not (self.tol >= 0 and (self.tol < 1 or self.tol_mode == "absolute")):
+            raise ValueError(f"tol={self.tol}; valid: 0 <= tol < 1 with tol_mode='relative' (a fraction of the "
+                             "loss), tol >= 0 with tol_mode='absolute'")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; valid: {', '.join(INITS)}")
         if not 0 < self.sparsity <= 1:

@@ -36,13 +36,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from typing import Any, ClassVar
 
 import torch
@@ -51,7 +49,12 @@ from tqdm.auto import tqdm
 
 from bench import Context, FeatureMethod, Score, register_task
 from bench.features import Match, match_concepts, vocab_projection
-from bench.judge import HFJudge, JudgeCache, TemplateGrader, load_template
+from bench.judge import JudgeCache, TemplateGrader, load_template
+from bench.labeler import LocalLabeler, clean_label  # noqa: F401 - LocalLabeler re-exported (moved to bench)
+from bench.labeler import can_complete as _can_complete
+from bench.labeler import complete_grouped as _complete
+from bench.labeler import local_labeler as _local_labeler
+from bench.labeler import shared_head as _shared_head  # noqa: F401 - re-exported (moved to bench)
 
 log = logging.getLogger(__name__)
 SOURCES = ("train", "dev", "test", "neutral")  # where top contexts are searched: concept splits + neutral text
@@ -116,6 +119,10 @@ class Labeling:
     sources: tuple[str, ...] = SOURCES  # where top and random contexts come from: concept splits and/or neutral
 
     needs_judge: ClassVar[bool] = True
+
+    def requires(self, cfg: Any) -> tuple[str, ...]:
+        """For `bench.preflight`: the local labeler's model, which writes the labels under the offline judge."""
+        return (f"model:{self.labeler}",) if cfg.judge == "offline" else ()
 
     def __post_init__(self) -> None:
         for name in ("n_top", "n_label", "n_score", "n_output_tokens", "max_new_tokens", "batch_size"):
@@ -321,109 +328,6 @@ def _show(token: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- back ends
-def _can_complete(judge: Any) -> bool:
-    """Whether the judge writes text (an LLM judge); the offline grader refuses `complete`."""
-    try:
-        judge.complete([], "")
-    except (ValueError, NotImplementedError, AttributeError, TypeError):
-        return False
-    return True
-
-
-class LocalLabeler(HFJudge):
-    """A local model that writes labels by plain completion of a few-shot prompt (no chat template): greedy,
-    batched, `max_new_tokens` per label. Any `hf:` id works: an embedded one (smollm2-135m-gguf), a hub id or
-    path, or `tiny:<arch>` in tests.
-
-    The prompts of one call share the template's few-shot head; it runs through the model once and its KV cache
-    is reused by every batch (left padding sits between head and rest; position ids follow the attention mask,
-    so this equals running each prompt alone). When the head does not tokenize on its own exactly as inside the
-    prompts, the plain path runs instead."""
-
-    def __init__(self, model_id: str, device: str = "cpu", max_new_tokens: int = 10, batch_size: int = 16) -> None:
-        super().__init__(model_id, device=device, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        self.name = f"hf:{model_id}/completion"
-
-    def _format(self, prompt: str) -> str:
-        return prompt
-
-    def complete(self, prompts: list[str]) -> list[str | None]:
-        head = _shared_head(prompts)
-        if not head:
-            return super().complete(prompts)
-        tok, model = self._tok, self._model
-        special = not getattr(tok, "chat_template", None)  # as HFJudge: templated tokenizers add BOS themselves
-        head_ids = tok(head, add_special_tokens=special)["input_ids"]
-        tails = [p[len(head) :] for p in prompts]
-        tail_ids = tok(tails, add_special_tokens=False)["input_ids"]
-        whole = tok(prompts, add_special_tokens=special)["input_ids"]
-        if any(head_ids + t != w for t, w in zip(tail_ids, whole, strict=True)):
-            return super().complete(prompts)
-        import copy
-
-        self.calls += len(prompts)
-        head_t = torch.tensor([head_ids], device=self.device)
-        with torch.no_grad():
-            cache = model(input_ids=head_t, use_cache=True).past_key_values
-        out: list[str | None] = []
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            for start in tqdm(range(0, len(prompts), self.batch_size), desc=self.name, leave=False,
-                              disable=len(prompts) <= self.batch_size):
-                enc = tok(tails[start : start + self.batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(self.device)
-                b = enc["input_ids"].shape[0]
-                ids = torch.cat([head_t.expand(b, -1), enc["input_ids"]], 1)
-                mask = torch.cat([torch.ones_like(head_t).expand(b, -1), enc["attention_mask"]], 1)
-                past = copy.deepcopy(cache)
-                past.batch_repeat_interleave(b)
-                with torch.no_grad():
-                    gen = model.generate(input_ids=ids, attention_mask=mask, past_key_values=past, do_sample=False,
-                                         max_new_tokens=self.params["max_new_tokens"], pad_token_id=tok.pad_token_id)
-                out += tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
-        finally:
-            tok.padding_side = side
-        return out
-
-
-def _shared_head(prompts: Sequence[str]) -> str:
-    """The longest common prefix of `prompts` cut before its last blank line ('' for fewer than two prompts)."""
-    if len(prompts) < 2:
-        return ""
-    common = os.path.commonprefix(list(prompts))
-    return common[: max(common.rfind("\n\n"), 0)]
-
-
-@lru_cache(maxsize=2)
-def _local_labeler(model_id: str, device: str, max_new_tokens: int, batch_size: int) -> LocalLabeler:
-    """The local labeler, loaded once per process (every unit of a run shares it)."""
-    log.info("labeling: loading the local labeler %s", model_id)
-    return LocalLabeler(model_id, device=device, max_new_tokens=max_new_tokens, batch_size=batch_size)
-
-
-def _complete(writer: Any, prompts: list[str], versions: list[str]) -> list[str | None]:
-    """Cached completions, grouped by template version and sent shortest first (less padding per batch)."""
-    out: list[str | None] = [None] * len(prompts)
-    for version in dict.fromkeys(versions):
-        idx = sorted((i for i, v in enumerate(versions) if v == version), key=lambda i: len(prompts[i]))
-        for i, a in zip(idx, writer.complete([prompts[i] for i in idx], version), strict=True):
-            out[i] = a
-    return out
-
-
-def clean_label(text: str | None) -> str | None:
-    """The first non-empty line of a labeler's answer, without a `Label:`-style prefix, quotes or markdown
-    (at most 200 characters); None for no answer."""
-    if text is None:
-        return None
-    for line in text.strip().splitlines():
-        line = re.sub(r"^\s*(label|description|answer|feature|summary)\s*:\s*", "", line.strip(" *#`\"'"),
-                      flags=re.IGNORECASE).strip(" *`\"'")
-        if line:
-            return line[:200]
-    return None
-
-
 _ACTIVE = re.compile(r"active\s*:\s*\**\s*([^\n]*)", re.IGNORECASE)
 _YES_NO = re.compile(r"answer\s*:\s*\**\s*(yes|no)\b", re.IGNORECASE)
 

@@ -27,6 +27,7 @@ papers' settings (14 factors, every concept, 5 + 5 instructions, 128 tokens at t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -64,12 +65,13 @@ class Steering:
     """Steer with each concept's matched feature; judge concept, instruction and fluency (axbench protocol)."""
 
     calibration: str = "factor"  # factor (axbench: alpha = factor x mean norm) | kl (alpha hits a KL target)
-    factors: tuple[float, ...] = (1.0, 4.0, 16.0)  # multiples of the mean activation norm at the site
+    # multiples of the mean activation norm at the site, log-spaced from weak to strong (see the module docstring)
+    factors: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
     kl_targets: tuple[float, ...] = (0.5, 1.0, 2.0)  # nats, next-token KL on neutral sentences
     concepts: tuple[str, ...] = ()  # concepts to steer (empty: a seeded sample of max_concepts)
-    max_concepts: int = 4  # 0 = every concept
+    max_concepts: int = 12  # 0 = every concept
     n_dev: int = 2  # dev instructions per candidate (choose alpha)
-    n_test: int = 2  # test instructions (score the chosen alpha and alpha = 0)
+    n_test: int = 4  # test instructions (score the chosen alpha and alpha = 0)
     max_new_tokens: int = 24
     temperature: float = 0.7  # 0 = greedy
     batch_size: int = 32  # generations per forward pass
@@ -299,6 +301,22 @@ class _Generator:
         return prompts, [o.strip() for o in outputs]
 
 
+def positions(mask: Tensor) -> Tensor:
+    """Position ids [b, t] of left-padded rows from their attention mask [b, t]: 0, 1, ... from each row's first
+    real token (padding gets 0), so a padded row sees the positions it would see alone. Needed by models with
+    absolute position embeddings (GPT-2); `generate()` derives the same from the mask itself."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def last_logprobs(model: Any, ids: Tensor, mask: Tensor, site: Site | None = None,
+                  vectors: Tensor | None = None) -> Tensor:
+    """Next-token log-probabilities [b, vocab] (float32) after the last token of left-padded rows ids [b, t]
+    (attention mask [b, t]), optionally steered at `site` by vectors [b, 1, d_site] (or [d_site])."""
+    with torch.no_grad(), (steer(model, site, vectors) if vectors is not None else contextlib.nullcontext()):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+    return torch.log_softmax(logits[:, -1].float(), -1)
+
+
 def kl_alphas(model: Any, tokenizer: Any, site: Site, directions: Tensor, targets: list[float], prompts: list[str],
               norm: float, batch_size: int = 32, device: str = "cpu", iters: int = 10) -> tuple[Tensor, Tensor]:
     """Per direction ([c, d_site], unit rows) and KL target: the alpha where the mean next-token KL(unsteered ||
@@ -320,14 +338,8 @@ def kl_alphas(model: Any, tokenizer: Any, site: Site, directions: Tensor, target
         outs = []
         for start in range(0, r * n_p, batch_size):
             sl = slice(start, start + batch_size)
-            with torch.no_grad():
-                if vectors is None:
-                    logits = model(input_ids=ids[sl], attention_mask=mask[sl], use_cache=False).logits[:, -1]
-                else:
-                    vec = vectors.repeat_interleave(n_p, 0)[sl][:, None, :].to(device)
-                    with steer(model, site, vec):
-                        logits = model(input_ids=ids[sl], attention_mask=mask[sl], use_cache=False).logits[:, -1]
-            outs.append(torch.log_softmax(logits.float(), -1).cpu())
+            vec = None if vectors is None else vectors.repeat_interleave(n_p, 0)[sl][:, None, :].to(device)
+            outs.append(last_logprobs(model, ids[sl], mask[sl], site, vec).cpu())
         return torch.cat(outs).view(r, n_p, -1)
 
     base = logp(None)[0]  # [n_p, vocab]

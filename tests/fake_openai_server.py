@@ -2,10 +2,10 @@
 
 `fault(prompt, attempt)` picks what each request gets (`attempt` counts earlier requests with the same prompt):
 "ok" (the fake keyword judge's answer), "429", "500", "http:CODE" (any status), "timeout" (sleep
-`timeout_sleep` seconds, past the client's timeout, then answer), "malformed" (a 200 whose body is not JSON),
-"norating" (a valid reply without a rating), or "rating:N" (a reply "Rating: N"). The server stops
-itself after `max_requests` requests or `deadline_s` seconds, whichever comes first, so a test that goes wrong
-cannot hang on it.
+`timeout_sleep` seconds, past the client's timeout, then answer), "hang" (never answer: hold the request until
+the server stops, then drop the connection), "malformed" (a 200 whose body is not JSON), "norating" (a valid
+reply without a rating), or "rating:N" (a reply "Rating: N"). The server stops itself after `max_requests`
+requests or `deadline_s` seconds, whichever comes first, so a test that goes wrong cannot hang on it.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ class FakeOpenAIServer:
         else:
             self.fault = fault or (lambda _p, _a: "ok")
         self.max_requests, self.deadline_s, self.timeout_sleep = max_requests, deadline_s, timeout_sleep
-        self.log: list[dict[str, Any]] = []  # one row per request: prompt, action, answer, auth header
+        self.log: list[dict[str, Any]] = []  # one row per request: prompt, action, answer, auth header, time
         self.seen: Counter[str] = Counter()
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -58,6 +59,7 @@ class FakeOpenAIServer:
         self.stop()
 
     def stop(self) -> None:
+        self._stopped.set()
         self._timer.cancel()
         threading.Thread(target=self._server.shutdown, daemon=True).start()
         self._thread.join(timeout=10)
@@ -99,7 +101,8 @@ class FakeOpenAIServer:
                 try:
                     action = "500" if n >= srv.max_requests else srv.fault(prompt, attempt)
                     row = {"prompt": prompt, "action": action, "answer": None, "model": body.get("model"),
-                           "authorization": self.headers.get("Authorization"), "path": self.path}
+                           "authorization": self.headers.get("Authorization"), "path": self.path,
+                           "t": time.monotonic()}
                     with srv._lock:
                         srv.log.append(row)
                     if n >= srv.max_requests:
@@ -117,6 +120,10 @@ class FakeOpenAIServer:
                 if action == "500" or action.startswith("http:"):
                     code = 500 if action == "500" else int(action.partition(":")[2])
                     return self._send(code, b'{"error": {"message": "scripted error", "type": "server_error"}}')
+                if action == "hang":
+                    srv._stopped.wait(srv.deadline_s)
+                    self.close_connection = True
+                    return None
                 if action == "malformed":
                     return self._send(200, b'{"id": "x", "choices": [{"message": {"content": "Rat')
                 if action == "timeout":

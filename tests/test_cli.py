@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
+from bench.config import RunConfig
 from bench.results import load, read_jsonl
 from tests.conftest import FIXTURE_CONCEPTS
 
@@ -115,3 +117,42 @@ def test_dry_run_lists_units_offline_and_runs_nothing(tmp_path: Path, capsys: py
     assert text.count("pending") == 2 * 2 * 2  # models x layers x (fit, detection)
     assert not out.exists()
     assert main(["run", "--dry-run", "--models", "gpt2", "--layers", "12"]) == 2  # gpt2 has 12 layers
+
+
+def _stored_run(tmp_path: Path) -> Path:
+    """A run directory holding only the config.json of `--methods dim -M dim.normalize=true` on tiny:gpt2."""
+    out = tmp_path / "stored"
+    out.mkdir()
+    cfg = RunConfig.load(None, {"models": "tiny:gpt2", "layers": "0", "methods": "dim", "tasks": "detection",
+                                "concepts": str(FIXTURE_CONCEPTS), "method": {"dim": {"normalize": "true"}}})
+    (out / "config.json").write_text(json.dumps({"run_id": "stored", **cfg.to_dict()}, indent=2))
+    return out
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--methods", "snmf"], ["methods: stored ['dim'] vs given ['snmf']"]),
+    (["--seed", "1", "--judge", "fake"], ["seed: stored 0 vs given 1", "judge: stored 'offline' vs given 'fake'"]),
+    (["-M", "dim.normalize=false"], ["dim.normalize: stored True vs given False"]),
+    (["-T", "detection.pool=mean"], ["detection.pool: stored 'max' vs given 'mean'"]),
+    (["--preset", "smoke"], ["models: stored ['tiny:gpt2'] vs given"]),
+    (["--out", "elsewhere"], ["out: stored"]),
+])
+def test_resume_refuses_flags_that_conflict_with_the_stored_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, flags: list[str],
+        named: list[str]) -> None:
+    out = _stored_run(tmp_path)
+    before = {p: p.read_bytes() for p in out.rglob("*")}
+    monkeypatch.setattr("bench.runner.load", lambda *a, **k: pytest.fail("resumed despite conflicting flags"))
+    with caplog.at_level(logging.ERROR):
+        assert main(["run", "--resume", str(out), *flags]) == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "conflict" in message and all(n in message for n in named), message
+    assert {p: p.read_bytes() for p in out.rglob("*")} == before
+
+
+def test_resume_accepts_flags_equal_to_the_stored_config(tmp_path: Path) -> None:
+    out = _stored_run(tmp_path)
+    same = ["--methods", "dim", "--layers", "0", "--seed", "0", "-M", "dim.normalize=1", "--models", "tiny:gpt2",
+            "--concepts", str(FIXTURE_CONCEPTS), "-T", "detection.pool=max"]  # the default, set or not
+    assert main(["run", "--resume", str(out), *same]) == 0
+    assert {r["method"] for r in read_jsonl(out / "records.jsonl")} == {"dim"}

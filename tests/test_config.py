@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from bench.config import RunConfig, build, parse_params, shipped_config
@@ -19,7 +22,15 @@ def test_cli_overrides_file(tmp_path) -> None:  # noqa: ANN001
     cfg = RunConfig.load(path, {"seed": 7, "layers": "0,middle", "method": {"dim": {"site": "mlp"}}})
     assert cfg.seed == 7 and cfg.models == ("tiny:gpt2",) and cfg.layers == (0, "middle")
     assert cfg.method["dim"] == {"normalize": False, "site": "mlp"}
-    assert RunConfig.from_dict(cfg.to_dict()) == RunConfig.from_dict(cfg.to_dict())
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg, "config.json round-trips to the same config"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in shipped_config("default").parent.glob("*.toml")))
+def test_every_shipped_config_round_trips_through_json(name: str) -> None:
+    cfg = RunConfig.load(shipped_config(name))
+    back = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.to_dict() == cfg.to_dict()
+    assert dataclasses.replace(cfg, seed=cfg.seed + 1) != cfg, "equality must see a changed field"
 
 
 def test_unknown_setting_is_refused(tmp_path) -> None:  # noqa: ANN001

@@ -167,8 +167,41 @@ def test_same_seed_same_factors_and_every_init_runs(data, init):
 
 
 def test_early_stop_after_patience(data):
-    m = SNMF(**SMALL | {"max_iter": 500, "patience": 5, "tol": 1e9}).fit(make_acts(data[0][:300]))
+    m = SNMF(**SMALL | {"max_iter": 500, "patience": 5, "tol": 1e9, "tol_mode": "absolute"}).fit(
+        make_acts(data[0][:300]))
     assert m.fit_metrics_["n_iter"] == 6  # the first iteration improves on inf, the next five do not
+
+
+def _losses(monkeypatch, x: torch.Tensor, **params) -> tuple[list[float], float]:
+    """The loss of every iteration of a fit on x, and its n_iter."""
+    seen: list[float] = []
+    real = methods.snmf._loss
+
+    def spy(*a):
+        seen.append(real(*a))
+        return seen[-1]
+
+    monkeypatch.setattr(methods.snmf, "_loss", spy)
+    m = SNMF(**SMALL | params).fit(make_acts(x))
+    monkeypatch.setattr(methods.snmf, "_loss", real)
+    return seen, m.fit_metrics_["n_iter"]
+
+
+def test_stopping_is_scale_free(data, monkeypatch):
+    """Scaling the data by 1000 scales every loss by 1e6 and stops at the same iteration (the old absolute tol
+    stopped the small-scale fit early and ran the large-scale one to max_iter)."""
+    x = data[0][:600].double()  # ||A - ZY||^2 ~ 12 at the end
+    cfg = {"max_iter": 400, "patience": 5, "tol": 1e-4, "dtype": "float64"}
+    small, n_small = _losses(monkeypatch, x, **cfg)
+    large, n_large = _losses(monkeypatch, x * 1000, **cfg)
+    assert n_small == n_large < 400, "patience must trigger, and at the same iteration"
+    small_t, large_t = (torch.tensor(v, dtype=torch.float64) for v in (small, large))
+    torch.testing.assert_close(large_t, small_t * 1e6, rtol=1e-4, atol=0)  # EPS terms differ at ~1e-6
+    # the reference's absolute rule stays reachable, and there the stopping point moves with the scale
+    cfg |= {"tol": 1e-3, "tol_mode": "absolute"}  # ~1e-4 of the loss at scale 1, ~1e-10 at scale 1000
+    abs_small = _losses(monkeypatch, x, **cfg)[1]
+    abs_large = _losses(monkeypatch, x * 1000, **cfg)[1]
+    assert abs_small < abs_large
 
 
 @pytest.mark.parametrize(
@@ -183,6 +216,9 @@ def test_early_stop_after_patience(data):
         ({"n_features": 201, "init": "svd"}, "init='svd' needs n_features <= 200"),
         ({"n_features": 301, "init": "kmeans"}, "lower n_features or use init='random'"),
         ({"max_iter": 0}, "max_iter=0 must be >= 1"),
+        ({"tol_mode": "abs"}, "unknown tol_mode 'abs'; valid: relative, absolute"),
+        ({"tol": 1.0}, "valid: 0 <= tol < 1 with tol_mode='relative'"),
+        ({"tol": -1.0, "tol_mode": "absolute"}, "tol >= 0 with tol_mode='absolute'"),
     ],
 )
 def test_bad_values_raise_naming_the_valid_ones(data, params, message):

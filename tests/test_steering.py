@@ -27,7 +27,7 @@ from bench.judge import ASPECTS, fake_answer, load_template, parse_rating
 from bench.results import read_jsonl
 from bench.sites import Site
 from methods.dim import DiffInMeans
-from tasks.steering import Steering, _Generator, kl_alphas
+from tasks.steering import Steering, _Generator, kl_alphas, last_logprobs
 from tests.conftest import FIXTURE_CONCEPTS, planted_acts
 from tests.fake_openai_server import FakeOpenAIServer
 
@@ -113,6 +113,97 @@ def test_kl_alphas_hit_their_targets_and_grow_with_them() -> None:
     assert (alphas.diff(dim=1) > 0).all()
 
 
+PROMPTS = ["the cat", "the dog ran to the house and the cat sat on the mat"]  # the first is left-padded
+
+
+def test_kl_calibration_sees_each_prompt_as_alone() -> None:
+    """The KL the calibration reports is the mean over prompts run alone (no padding): GPT-2's absolute position
+    embeddings need position ids from the attention mask (without them its padded logits moved by up to 0.44)."""
+    from bench.models import load
+
+    model, tok, _ = load("tiny:gpt2")
+    site = Site(1, "resid")
+    dirs = torch.nn.functional.normalize(torch.randn(2, model.config.hidden_size, generator=torch.Generator()
+                                                     .manual_seed(0)), dim=-1)
+    targets = [0.001, 0.004]
+    alphas, kls = kl_alphas(model, tok, site, dirs, targets, PROMPTS, 1.0, batch_size=3)
+
+    def alone(prompt: str, vector: torch.Tensor | None) -> torch.Tensor:  # [vocab]
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad(), steer(model, site, vector if vector is not None else torch.zeros_like(dirs[0])):
+            return torch.log_softmax(model(input_ids=ids).logits[0, -1], -1)
+
+    for i in range(2):
+        for k in range(2):
+            per_prompt = [(alone(p, None).exp() * (alone(p, None) - alone(p, dirs[i] * alphas[i, k]))).sum()
+                          for p in PROMPTS]
+            assert float(kls[i, k]) == pytest.approx(float(sum(per_prompt) / 2), rel=1e-4, abs=1e-7)
+
+
+def test_padded_last_token_logprobs_equal_alone(tiny) -> None:  # noqa: ANN001
+    model, tok, arch = tiny
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    assert (enc["attention_mask"][0] == 0).any(), "the first prompt must be padded for the test to mean something"
+    got = last_logprobs(model, enc["input_ids"], enc["attention_mask"])
+    for row, prompt in enumerate(PROMPTS):
+        one = tok(prompt, return_tensors="pt")
+        torch.testing.assert_close(got[row], last_logprobs(model, one["input_ids"], one["attention_mask"])[0],
+                                   atol=1e-5, rtol=1e-5, msg=arch)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")  # the local labeler's call, as it is
+def test_generate_derives_positions_from_the_mask(tiny) -> None:  # noqa: ANN001
+    """transformers' generate() computes position ids from the attention mask, for every architecture: the first
+    generated token's logits of a left-padded prompt equal those of the prompt alone, also when a shared head
+    comes from a KV cache and the padding sits between head and tail (the local labeler's path)."""
+    import copy
+
+    model, tok, arch = tiny
+    kw = {"max_new_tokens": 1, "do_sample": False, "output_logits": True, "return_dict_in_generate": True,
+          "pad_token_id": tok.pad_token_id}
+
+    def first_logits(**inputs: Any) -> torch.Tensor:  # [b, vocab]
+        with torch.no_grad():
+            return model.generate(**inputs, **kw).logits[0]
+
+    alone = [first_logits(**tok(p, return_tensors="pt"))[0] for p in PROMPTS]
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(PROMPTS, return_tensors="pt", padding=True)
+        head = tok("a bird", return_tensors="pt")["input_ids"]  # <bos> a bird
+        tails = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tok.padding_side = side
+    batched = first_logits(**enc)
+    with torch.no_grad():
+        cache = model(input_ids=head, use_cache=True).past_key_values
+    past = copy.deepcopy(cache)
+    past.batch_repeat_interleave(2)
+    ids = torch.cat([head.expand(2, -1), tails["input_ids"]], 1)
+    mask = torch.cat([torch.ones_like(head).expand(2, -1), tails["attention_mask"]], 1)
+    cached = first_logits(input_ids=ids, attention_mask=mask, past_key_values=past)
+    for row, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(batched[row], alone[row], atol=1e-5, rtol=1e-5, msg=f"{arch} padded")
+        whole = tok("a bird " + prompt, return_tensors="pt")
+        torch.testing.assert_close(cached[row], first_logits(**whole)[0], atol=1e-5, rtol=1e-5, msg=f"{arch} cache")
+
+
+def test_generations_of_mixed_lengths_equal_each_alone() -> None:
+    from bench.models import load
+
+    model, tok, _ = load("tiny:gpt2")
+    task = Steering(max_new_tokens=6, temperature=0.0, chat=False)
+    ctx = SimpleNamespace(model=model, tokenizer=tok, device="cpu")
+    gen = _Generator(task, ctx, Site(0, "resid"), model.config.hidden_size)  # type: ignore[arg-type]
+    instructions = ["describe", "describe the view from a window of the house"]
+    _, batched = gen.generate(instructions, [None, None], seed=0)
+    assert batched == [gen.generate([i], [None], seed=0)[1][0] for i in instructions]
+
+
 def test_one_batch_with_a_vector_per_row_equals_steering_each_row_alone() -> None:
     from bench.models import load
 
@@ -145,8 +236,10 @@ def test_bad_options_name_the_valid_values() -> None:
         Steering(concepts=("z",))._concepts(ctx)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="steering.n_dev=99 but the instructions have only 16 dev rows"):
         Steering(n_dev=99)._instructions(ctx)  # type: ignore[arg-type]
-    assert Steering().cost(24, 40) == {"steering_generations": 34.0, "steering_new_tokens": 34.0 * 24,
-                                       "steering_judge_items": 3.0 * 4 * (3 * 2 + 2 * 2)}
+    # 3 concepts x (2 factors x 2 dev + 3 test chosen) + 3 test unsteered; judged: 3 aspects x (dev, chosen, base)
+    assert Steering(max_concepts=3, factors=(1.0, 2.0), n_dev=2, n_test=3, max_new_tokens=10).cost(24, 40) == {
+        "steering_generations": 24.0, "steering_new_tokens": 240.0, "steering_judge_items": 3.0 * 3 * (2 * 2 + 2 * 3)}
+    assert Steering(max_concepts=0).cost(5, 40)["steering_generations"] == 5 * (6 * 2 + 4) + 4  # every concept
 
 
 # ----------------------------------------------------------------------------------------------- faulty judge

@@ -1,0 +1,222 @@
+"""Regenerate every measured number in README.md from files committed in the repository.
+
+README.md marks each generated block with a pair of HTML comments:
+
+    <!-- numbers:NAME -->
+    ...generated Markdown...
+    <!-- /numbers:NAME -->
+
+`BLOCKS[NAME]` renders the block from committed records (results/...), data (bench/data/...) or benchmark
+outputs (results/perf/...). Nothing inside a block is typed by hand.
+
+    python scripts/readme_numbers.py           # rewrite the blocks in README.md
+    python scripts/readme_numbers.py --check   # exit 1 and name the blocks that drift (tests/test_readme.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RUN = ROOT / "results" / "paper"  # the records of `bench run` (no arguments) on the default model
+DIM_RESID_RUN = ROOT / "results" / "dim-resid"  # DiM at the residual stream, same data and layers
+HIERARCHY = ROOT / "results" / "hierarchy"  # `bench analyze hierarchy` output tables
+PERF = ROOT / "results" / "perf"  # benchmark outputs (JSON) from `bench perf NAME --json FILE`
+_BLOCK = re.compile(r"(<!-- numbers:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /numbers:(?P=name) -->)", re.S)
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _cell(r: pd.Series, digits: int = 2) -> str:
+    text = _fmt(r["mean"], digits)
+    if not np.isnan(r["ci_low"]):
+        text += f" [{_fmt(r['ci_low'], digits)}, {_fmt(r['ci_high'], digits)}]"
+    return text
+
+
+def _frame(*dirs: Path) -> pd.DataFrame:
+    from bench.results import load
+
+    return load([str(d) for d in dirs])
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    return table.to_markdown(index=False) + "\n"
+
+
+BLOCKS: dict[str, Callable[[], str]] = {}
+
+
+def block(name: str) -> Callable[[Callable[[], str]], Callable[[], str]]:
+    def register(fn: Callable[[], str]) -> Callable[[], str]:
+        BLOCKS[name] = fn
+        return fn
+
+    return register
+
+
+def render(text: str) -> tuple[str, list[str]]:
+    """`text` with every known block regenerated, and the names of the blocks whose content changed."""
+    changed: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group("name")
+        if name not in BLOCKS:
+            raise KeyError(f"README block {name!r} has no generator; known: {', '.join(sorted(BLOCKS))}")
+        body = BLOCKS[name]()
+        if body != m.group("body"):
+            changed.append(name)
+        return m.group(1) + body + m.group(4)
+
+    return _BLOCK.sub(sub, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="do not write; exit 1 if a block drifts")
+    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = ap.parse_args(argv)
+    path = Path(args.readme)
+    text = path.read_text(encoding="utf-8")
+    new, changed = render(text)
+    missing = sorted(set(BLOCKS) - set(m.group("name") for m in _BLOCK.finditer(text)))
+    if missing:
+        sys.stderr.write(f"README lacks block(s) {', '.join(missing)}\n")
+    if args.check:
+        if changed or missing:
+            sys.stderr.write(f"README numbers drift from the committed records: {', '.join(changed)}; "
+                             "run `python scripts/readme_numbers.py`\n")
+            return 1
+        return 0
+    path.write_text(new, encoding="utf-8")
+    sys.stdout.write(f"updated {len(changed)} block(s): {', '.join(changed) or '(none)'}\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+# Each reads committed files only.
+
+MAIN = [  # (task, metric, row title) of the default run's main table
+    ("detection", "auroc", "detection AUROC"),
+    ("steering", "score", "steering score (harmonic mean, 0-2)"),
+    ("steering", "concept", "steering concept rating (0-2)"),
+    ("steering", "score_base", "steering score at alpha = 0"),
+    ("labeling", "label_f1", "label F1 (per feature)"),
+]
+
+
+def _layers(summ: pd.DataFrame) -> list[int]:
+    return sorted({int(x) for x in summ["layer"]})
+
+
+@block("default-table")
+def default_table() -> str:
+    """Test-split means over concepts with bootstrap 95% CIs, per method and layer, for the main metrics."""
+    from bench.report import summary
+
+    summ = summary(_frame(DEFAULT_RUN))
+    layers = _layers(summ)
+    rows = []
+    for task, metric, title in MAIN:
+        part = summ[(summ["task"] == task) & (summ["metric"] == metric)]
+        for i, (label, g) in enumerate(part.groupby("label", sort=True)):
+            cells = {f"L{la}": _cell(r) for la in layers for _, r in g[g["layer"] == la].iterrows()}
+            rows.append({"metric": title if i == 0 else "", "method": label, **cells,
+                         "n": "/".join(str(int(n)) for n in g.sort_values("layer")["n_scored"])})
+    return _markdown(pd.DataFrame(rows).fillna(""))
+
+
+@block("default-paired")
+def default_paired() -> str:
+    """Paired differences between methods on the main metrics of detection and steering."""
+    from bench.report import paired
+
+    table = paired(_frame(DEFAULT_RUN))
+    keep = {("detection", "auroc"), ("steering", "score"), ("steering", "concept")}
+    table = table[[(t, m) in keep for t, m in zip(table["task"], table["metric"], strict=True)]]
+    rows = [{"task: metric": f"{r.task}: {r.metric}", "layer": int(r.layer), "a − b": f"{r.a} − {r.b}",
+             "n": int(r.n), "difference [95% CI]": f"{r.diff:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]",
+             "p": f"{r.p_value:.3f}" if r.p_value >= 0.001 else "< 0.001", "a wins": f"{r.win_rate:.0%}"}
+            for r in table.itertuples()]
+    return _markdown(pd.DataFrame(rows))
+
+
+def _starts(run: Path) -> list[dict]:
+    env = json.loads((run / "env.json").read_text())
+    return env.get("starts", [env])
+
+
+@block("default-time")
+def default_time() -> str:
+    """Wall-clock time and machine of the committed default run."""
+    starts = _starts(DEFAULT_RUN)
+    seconds = sum(s.get("seconds") or 0 for s in starts)
+    first = starts[0]
+    cfg = json.loads((DEFAULT_RUN / "config.json").read_text())
+    return (f"{seconds / 60:.1f} minutes of wall clock over {len(starts)} start(s) on "
+            f"{first.get('device', '?')} ({first.get('platform', '?')}, torch {first['versions'].get('torch')}), "
+            f"model conversion and activation collection included; layers {', '.join(map(str, cfg['layers']))}, "
+            f"methods {', '.join(cfg['methods']) or 'all registered'}, seed {cfg['seed']}.\n")
+
+
+def _p(p: float) -> str:
+    return f"{p:.3f}"
+
+
+@block("hierarchy")
+def hierarchy_table() -> str:
+    """`bench analyze hierarchy` output: overlap of linked neuron sets against an equal-size random-support null,
+    and concept coherence of the links against permuted links."""
+    c = pd.read_csv(HIERARCHY / "hierarchy_coherence.csv")
+    rows = [{"k → parent k": f"{int(r.k)} → {int(r.parent_k)}",
+             "mean max-Jaccard": f"{r.mean_jaccard:.3f}",
+             "null (95% interval)": f"{r.null_jaccard:.3f} [{r.null_lo:.3f}, {r.null_hi:.3f}]",
+             "ratio": f"{r.jaccard_ratio:.1f}×", "p": _p(r.jaccard_p),
+             "same concept (permuted)": f"{r.same_concept:.2f} ({r.same_concept_permuted:.2f})",
+             "p ": _p(r.same_concept_p),
+             "same kind (permuted)": f"{r.same_kind:.2f} ({r.same_kind_permuted:.2f})", "p  ": _p(r.same_kind_p)}
+            for r in c.itertuples()]
+    return _markdown(pd.DataFrame(rows))
+
+
+@block("dim-site")
+def dim_site() -> str:
+    """DiM detection AUROC at the MLP hidden state (default run) and at the residual stream (committed run)."""
+    from bench.report import summary
+
+    summ = summary(_frame(DEFAULT_RUN, DIM_RESID_RUN))
+    summ = summ[(summ["task"] == "detection") & (summ["metric"] == "auroc") & (summ["method"] == "dim")]
+    rows = []
+    for site, g in summ.groupby(summ["site"].str.split("@").str[0], sort=False):
+        rows.append({"DiM site": f"`{site}`", **{f"L{int(r.layer)}": _cell(pd.Series(r._asdict()))
+                                                  for r in g.sort_values("layer").itertuples()}})
+    return _markdown(pd.DataFrame(rows).fillna(""))
+
+
+@block("judge-validation")
+def judge_validation() -> str:
+    """Agreement of the offline judge with hand labels (committed signals and labels; cross-validated)."""
+    from bench.judge_validation import agreement_table
+
+    t = agreement_table()
+    names = {"majority_exact": "majority class", "set_majority_exact": "majority of its set",
+             "shipped_exact": "judge exact", "shipped_kappa": "judge κ (quadratic)", "cv_exact": "CV exact",
+             "cv_kappa": "CV κ"}
+    t = t.rename(columns=names)
+    for c in names.values():
+        t[c] = t[c].map(lambda v: f"{v:.2f}")
+    return t.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
