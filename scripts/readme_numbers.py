@@ -16,7 +16,6 @@ outputs (results/perf/...). Nothing inside a block is typed by hand.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Callable
@@ -27,9 +26,6 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN = ROOT / "results" / "paper"  # the records of `bench run` (no arguments) on the default model
-DIM_RESID_RUN = ROOT / "results" / "dim-resid"  # DiM at the residual stream, same data and layers
-HIERARCHY = ROOT / "results" / "hierarchy"  # `bench analyze hierarchy` output tables
-PERF = ROOT / "results" / "perf"  # benchmark outputs (JSON) from `bench perf NAME --json FILE`
 _BLOCK = re.compile(r"(<!-- numbers:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /numbers:(?P=name) -->)", re.S)
 
 
@@ -151,56 +147,23 @@ def default_paired() -> str:
     return _markdown(pd.DataFrame(rows))
 
 
-def _starts(run: Path) -> list[dict]:
-    env = json.loads((run / "env.json").read_text())
-    return env.get("starts", [env])
-
-
-@block("default-time")
-def default_time() -> str:
-    """Wall-clock time and machine of the committed default run."""
-    starts = _starts(DEFAULT_RUN)
-    seconds = sum(s.get("seconds") or 0 for s in starts)
-    first = starts[0]
-    cfg = json.loads((DEFAULT_RUN / "config.json").read_text())
-    return (f"{seconds / 60:.1f} minutes of wall clock over {len(starts)} start(s) on "
-            f"{first.get('device', '?')} ({first.get('platform', '?')}, torch {first['versions'].get('torch')}), "
-            f"model conversion and activation collection included; layers {', '.join(map(str, cfg['layers']))}, "
-            f"methods {', '.join(cfg['methods']) or 'all registered'}, seed {cfg['seed']}.\n")
-
-
-def _p(p: float) -> str:
-    return f"{p:.3f}"
-
-
-@block("hierarchy")
-def hierarchy_table() -> str:
-    """`bench analyze hierarchy` output: overlap of linked neuron sets against an equal-size random-support null,
-    and concept coherence of the links against permuted links."""
-    c = pd.read_csv(HIERARCHY / "hierarchy_coherence.csv")
-    rows = [{"k → parent k": f"{int(r.k)} → {int(r.parent_k)}",
-             "mean max-Jaccard": f"{r.mean_jaccard:.3f}",
-             "null (95% interval)": f"{r.null_jaccard:.3f} [{r.null_lo:.3f}, {r.null_hi:.3f}]",
-             "ratio": f"{r.jaccard_ratio:.1f}×", "p": _p(r.jaccard_p),
-             "same concept (permuted)": f"{r.same_concept:.2f} ({r.same_concept_permuted:.2f})",
-             "p ": _p(r.same_concept_p),
-             "same kind (permuted)": f"{r.same_kind:.2f} ({r.same_kind_permuted:.2f})", "p  ": _p(r.same_kind_p)}
-            for r in c.itertuples()]
-    return _markdown(pd.DataFrame(rows))
-
-
-@block("dim-site")
-def dim_site() -> str:
-    """DiM detection AUROC at the MLP hidden state (default run) and at the residual stream (committed run)."""
+@block("labels")
+def labels_table() -> str:
+    """Labeling at the middle layer of the default run: label accuracy and F1 (means over labelled features) and
+    whether a matched feature's input/output label names its concept (means over concepts)."""
     from bench.report import summary
 
-    summ = summary(_frame(DEFAULT_RUN, DIM_RESID_RUN))
-    summ = summ[(summ["task"] == "detection") & (summ["metric"] == "auroc") & (summ["method"] == "dim")]
+    summ = summary(_frame(DEFAULT_RUN))
+    summ = summ[summ["task"] == "labeling"]
+    middle = _layers(summ)[len(_layers(summ)) // 2]
+    names = {"label_accuracy": "label accuracy (features)", "label_f1": "label F1 (features)",
+             "label_names_concept": "input label names its concept (concepts)",
+             "output_label_names_concept": "output label names its concept (concepts)"}
     rows = []
-    for site, g in summ.groupby(summ["site"].str.split("@").str[0], sort=False):
-        rows.append({"DiM site": f"`{site}`", **{f"L{int(r.layer)}": _cell(pd.Series(r._asdict()))
-                                                  for r in g.sort_values("layer").itertuples()}})
-    return _markdown(pd.DataFrame(rows).fillna(""))
+    for label, g in summ[summ["layer"] == middle].groupby("label", sort=True):
+        by = g.set_index("metric")
+        rows.append({"method": label, **{title: _cell(by.loc[m]) for m, title in names.items() if m in by.index}})
+    return f"Layer {middle}:\n\n" + _markdown(pd.DataFrame(rows))
 
 
 @block("judge-validation")

@@ -29,3 +29,33 @@ def test_documented_commands_exist() -> None:
     sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     documented = set(re.findall(r"^bench ([a-z]+)", (ROOT / "README.md").read_text(), flags=re.M))
     assert documented and documented <= set(sub.choices), documented - set(sub.choices)
+
+
+def _numbers():  # noqa: ANN202 - the scripts/readme_numbers.py module
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "scripts" / "readme_numbers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_numbers_are_regenerated_from_committed_records() -> None:
+    """Every generated block of README.md equals what scripts/readme_numbers.py makes from committed files."""
+    numbers = _numbers()
+    text = (ROOT / "README.md").read_text()
+    assert set(numbers.BLOCKS) <= set(re.findall(r"<!-- numbers:([a-z0-9-]+) -->", text))
+    new, changed = numbers.render(text)
+    assert not changed, f"README blocks drift from the records: {changed}; run python scripts/readme_numbers.py"
+
+
+def test_readme_numbers_check_catches_a_hand_edited_number(tmp_path: Path) -> None:
+    numbers = _numbers()
+    text = (ROOT / "README.md").read_text()
+    body = text.split("<!-- numbers:default-table -->\n", 1)[1]
+    edited = text.replace(body[:400], body[:400].replace("0.9", "0.8", 1), 1)
+    assert edited != text
+    readme = tmp_path / "README.md"
+    readme.write_text(edited)
+    assert numbers.main(["--check", "--readme", str(readme)]) == 1
+    assert numbers.main(["--readme", str(readme)]) == 0 and readme.read_text() == text
