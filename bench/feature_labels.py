@@ -138,9 +138,9 @@ def label_features(method: Any, features: Sequence[int], ctx: Any,
         raise ValueError("feature labels need a writer: run with --judge offline | fake | openai:<model> | hf:<id>")
     style = "" if can_complete(ctx.judge) else "_local"
     templates = {side: load_template(f"feature_label_{side}{style}") for side in ("input", "output")}
-    store = LabelStore()
-    key = store.key(ctx.fit_key, settings, writer_name(ctx.judge, settings.labeler), _params(ctx.judge),
-                    [t.tag for t in templates.values()]) if ctx.fit_key else ""
+    store, fit_key = LabelStore(), getattr(ctx, "fit_key", "")  # no fit key (a bare context): no store
+    key = store.key(fit_key, settings, writer_name(ctx.judge, settings.labeler), _params(ctx.judge),
+                    [t.tag for t in templates.values()]) if fit_key else ""
     found = store.get(key, feats) if key else {}
     todo = [f for f in feats if f not in found]
     if todo:
@@ -220,10 +220,13 @@ def render_vocab(pairs: Sequence[tuple[str, float]], style: str = "") -> str:
 def parse_label(answer: str | None, style: str = "") -> str | None:
     """The label in a labeler's answer, or None (unlabelled): the text after `Results:` (its first line, without a
     `- Connection:` prefix) for the instruction templates, where no `Results:` means unlabelled as in the reference;
-    the first line for the local few-shot templates. A no-theme answer (NO THEME, TRASH, none) is unlabelled."""
+    the rest of the `Label:` line for the local few-shot templates (a model that breaks the line first wrote no
+    label). A no-theme answer (NO THEME, TRASH, none) is unlabelled."""
     if answer is None:
         return None
-    if not style:
+    if style:
+        answer = re.sub(r"^\s*-\s+", "", answer.split("\n", 1)[0])  # a copied list bullet is no part of it
+    else:
         m = _RESULTS.search(answer)
         if m is None:
             return None

@@ -96,12 +96,13 @@ def next_token_distribution(logits: Tensor, sampling: Sampling) -> tuple[Tensor,
     k = vocab if sampling.top_k == 0 else min(sampling.top_k, vocab)
     if k == vocab and sampling.top_p >= 1.0:
         return torch.arange(vocab, device=scores.device).expand_as(scores), torch.softmax(scores, -1)
-    vals, ids = scores.topk(k, dim=-1)  # [b, k], descending
-    if k < vocab:
-        ties = (scores >= vals[:, -1:]).sum(-1)  # [b]; HF keeps every score >= the k-th
-        if int(ties.max()) > k:
-            vals, ids = scores.topk(int(ties.max()), dim=-1)
-            vals = vals.masked_fill(torch.arange(vals.shape[1], device=vals.device) >= ties[:, None], -math.inf)
+    vals, ids = scores.topk(min(k + 1, vocab), dim=-1)  # [b, k + 1], descending
+    if k < vocab and bool((vals[:, k] == vals[:, k - 1]).any()):  # HF keeps every score >= the k-th: ties
+        ties = (scores >= vals[:, k - 1 : k]).sum(-1)  # [b]
+        vals, ids = scores.topk(int(ties.max()), dim=-1)
+        vals = vals.masked_fill(torch.arange(vals.shape[1], device=vals.device) >= ties[:, None], -math.inf)
+    else:
+        vals, ids = vals[:, :k], ids[:, :k]
     if sampling.top_p < 1.0:
         cum = torch.softmax(vals.flip(-1), -1).cumsum(-1).flip(-1)  # ascending cumulative mass, back in our order
         drop = cum <= 1 - sampling.top_p

@@ -57,7 +57,7 @@ STATS = ("cosine", "r2", "corr", "mse")
 class FeatureDetection:
     """S_CD per feature: does the feature respond more to sentences written for its label than to neutral ones?"""
 
-    max_features: int = 0  # 0 = every feature; else the seeded sample every feature task draws
+    max_features: int = 8  # 0 = every feature (the paper); else a seeded sample, the same in every feature task
     n_sentences: int = 5  # activating and neutral sentences per feature (the reference's 5 + 5)
     generator: str = "smollm2-135m-gguf"  # the local model that writes sentences under the offline judge
     max_new_tokens: int = 40  # sentence length (tokens) of the local generator

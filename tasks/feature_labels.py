@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class FeatureLabels:
     """Label every feature from its top activating tokens (input side) and its promoted vocabulary (output side)."""
 
-    max_features: int = 0  # 0 = every feature; else a seeded sample of this many (the same in every feature task)
+    max_features: int = 8  # 0 = every feature (the paper); else a seeded sample, the same in every feature task
     n_top: int = 25  # top activating tokens per feature (input side; the reference's 25)
     window: int = 15  # tokens of context either side, from the same text (the reference's 15)
     n_show: int = 10  # of those, shown to the labeler (the reference's 10)

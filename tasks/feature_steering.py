@@ -155,7 +155,8 @@ class FeatureSteering:
             got = labels.get(features[cells[c][0]])
             if got is None:
                 return None
-            return got.input if side == "input" else got.output.get("+" if cells[c][1] > 0 else "-")
+            text = got.input if side == "input" else got.output.get("+" if cells[c][1] > 0 else "-")
+            return text if text and text.strip() else None  # an empty label is no label
 
         pairs = [(label(c, side), text) for side in ("input", "output") for (c, _), text in zip(jobs, texts,
                                                                                                 strict=True)]

@@ -164,6 +164,8 @@ def test_vocab_lists_follow_the_reference_projection(arch: str) -> None:
     ("Analysis: cut off before the results", "", None),
     (None, "", None),
     (" musical instruments\nTexts:", "_local", "musical instruments"),
+    ("\nTexts: the model broke the line", "_local", None),
+    (' - the word "sud', "_local", 'the word "sud'),
     ("none", "_local", None),
 ])
 def test_parse_label(answer: str | None, style: str, label: str | None) -> None:
