@@ -44,7 +44,7 @@ from bench.judge import load_template
 from bench.labeler import can_complete, clean_label, complete_grouped, writer, writer_name
 
 log = logging.getLogger(__name__)
-LABELS_VERSION = 1  # bump when the evidence or the parsing changes (part of the store key)
+LABELS_VERSION = 2  # bump when the evidence, the prompts or the parsing change (part of the store key)
 SIGNS = ("+", "-")
 _NO_THEME = re.compile(r"^\W*(no[ _-]?theme|trash|none|n/?a|no (clear )?(connection|pattern|concept))\W*$", re.I)
 _RESULTS = re.compile(r"results?\s*:\s*(.*)", re.IGNORECASE | re.DOTALL)
@@ -183,11 +183,12 @@ def _label(method: Any, feats: list[int], ctx: Any, s: LabelSettings, templates:
     for j in range(len(feats)):
         if tops[j]:
             jobs.append((j, "input"))
-            prompts.append(templates["input"].render(examples=render_tokens(tops[j][: s.n_show], style)))
+            prompts.append(_prompt(templates["input"], style, examples=render_tokens(tops[j][: s.n_show], style)))
             tags.append(templates["input"].tag)
         for sign in SIGNS:
             jobs.append((j, sign))
-            prompts.append(templates["output"].render(tokens=render_vocab(vocab[j][sign][: s.n_vocab_show], style)))
+            prompts.append(_prompt(templates["output"], style,
+                                   tokens=render_vocab(vocab[j][sign][: s.n_vocab_show], style)))
             tags.append(templates["output"].tag)
     w = writer(ctx.judge, s.labeler, ctx.device, s.max_new_tokens)
     answers: list[dict[str, str | None]] = [{} for _ in feats]
@@ -199,6 +200,13 @@ def _label(method: Any, feats: list[int], ctx: Any, s: LabelSettings, templates:
                               {sign: parse_label(answers[j].get(sign), style) for sign in SIGNS}, tops[j], vocab[j],
                               answers[j])
     return out
+
+
+def _prompt(template: Any, style: str, **fields: str) -> str:
+    """A rendered template; a few-shot completion prompt ends right after its last `Label:` (a trailing newline
+    makes the small model start a new line instead of the label)."""
+    text = template.render(**fields)
+    return text.rstrip() if style else text
 
 
 def render_tokens(tops: Sequence[TopToken], style: str = "") -> str:

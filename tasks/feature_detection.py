@@ -130,6 +130,7 @@ class FeatureDetection:
                 break
             prompts = [templates[m].render(description=labels[f].input or "", previous=_previous(out[f][m], llm))
                        for f, m in jobs]
+            prompts = prompts if llm else [p.rstrip() for p in prompts]  # a completion ends at `Sentence:`
             answers = complete_grouped(w, prompts, [templates[m].tag for _, m in jobs])
             for (f, m), a in zip(jobs, answers, strict=True):
                 text = clean_sentence(a)

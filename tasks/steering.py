@@ -19,10 +19,18 @@ Protocol, per (model, layer, method):
    `_base` for alpha = 0, and `scored_fraction` (test split); `score`, `factor`, `alpha` (and `kl_target`)
    of the choice (dev split). Every generation, prompt, alpha and judge answer goes to samples.jsonl.
 
-Defaults are sized for the default CPU run: 4 concepts (a seeded sample), 2 dev and 2 test instructions, factors
-1, 4 and 16 (log-spaced, since the useful range depends on the site), 24 new tokens sampled at temperature 0.7:
-34 generations per unit, about 20-25 s on 2 idle CPU cores for gemma-3-270m. `bench/configs/paper.toml` has the
-papers' settings (14 factors, every concept, 5 + 5 instructions, 128 tokens at temperature 1.0) for GPU users.
+Defaults are sized for the default CPU run (gemma-3-270m, 2 CPU cores; bench/configs/default.toml repeats them):
+12 concepts (a seeded sample of the 25), 2 dev and 4 test instructions, 24 new tokens sampled at temperature 0.7,
+and factors 0.1, 0.3, 1 and 3, log-spaced in half decades from weak to strong. Measured on that model (DiM, 8-12
+concepts, factors 0.05-4): at 0.05-0.125 outputs are about as unsteered (concept rating 0.1-0.3 of 2); the dev
+harmonic mean peaks at 0.25-0.5 at layer 3 (instruction following is gone by 1-2) and near 1 at layer 14; at 4
+every layer scored 0. The old grid (1, 4, 16) started where instruction following was already lost (harmonic mean
+0 in 35 of 36 cells). That is 12 x (4 x 2 + 4) + 4 = 148 generations per unit, about 1.5-3 minutes on 2 idle
+cores (scaled from the old default's 34 in 20-25 s, and from 800-850 CPU-seconds per 196 generations, judge included,
+measured on a loaded shared 2-core machine, where such a unit took 20 minutes of wall time). 12 concepts
+give a bootstrap CI over concepts of about +-0.25 on the 0-2 scale (layer 3, DiM: 0.57 [0.32, 0.86], unsteered
+0.12 [0.00, 0.28]). `bench/configs/paper.toml` has the papers' settings (14 factors, every concept, 5 + 5
+instructions, 128 tokens at temperature 1.0) for GPU users.
 """
 
 from __future__ import annotations
@@ -66,7 +74,7 @@ class Steering:
 
     calibration: str = "factor"  # factor (axbench: alpha = factor x mean norm) | kl (alpha hits a KL target)
     # multiples of the mean activation norm at the site, log-spaced from weak to strong (see the module docstring)
-    factors: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+    factors: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
     kl_targets: tuple[float, ...] = (0.5, 1.0, 2.0)  # nats, next-token KL on neutral sentences
     concepts: tuple[str, ...] = ()  # concepts to steer (empty: a seeded sample of max_concepts)
     max_concepts: int = 12  # 0 = every concept

@@ -65,6 +65,27 @@ def test_the_generator_sees_the_sentences_so_far_and_a_repeat_ends_the_list(tmp_
     assert same[3] == {"activating": ["The same sentence."], "neutral": ["The same sentence."]}
 
 
+def test_offline_generator_completes_few_shot_prompts_ending_at_the_sentence_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.judge import OfflineGrader
+
+    sent: list[str] = []
+
+    class Writer:
+        def complete(self, prompts: list[str], version: str) -> list[str]:
+            sent.extend(prompts)
+            return [f" A sentence about waves number {len(sent)}.\nTopic: x" for _ in prompts]
+
+    monkeypatch.setattr("tasks.feature_detection.writer", lambda *a, **k: Writer())
+    labels = {0: FeatureLabel(0, "ocean waves", {"+": None, "-": None})}
+    ctx = SimpleNamespace(judge=OfflineGrader(), device="cpu", seed=0)
+    out = FeatureDetection(n_sentences=3).sentences([0], labels, ctx)  # type: ignore[arg-type]
+    assert len(sent) == 3 and all(p.endswith("Topic: ocean waves\n" + "".join(
+        f"Sentence: {s}\n" for s in out[0]["activating"][:k]) + "Sentence:") for k, p in enumerate(sent))
+    assert out[0]["activating"] == [f"A sentence about waves number {k}." for k in (1, 2, 3)]
+    assert len(out[0]["neutral"]) == 3
+
+
 def test_responses_read_the_site_with_bos_and_without_it_in_the_max() -> None:
     model, tok, _ = load("tiny:gpt2")
     site = Site(1, "resid")

@@ -195,6 +195,15 @@ def test_the_store_keys_on_the_fit_settings_and_writer(tmp_path: Path) -> None:
     assert files == [1, 1, 3], "one store entry per (fit, settings, writer), one file per feature"
 
 
+def test_local_completion_prompts_end_at_the_label_line() -> None:
+    from bench.feature_labels import _prompt
+    from bench.judge import load_template
+
+    assert _prompt(load_template("feature_label_output_local"), "_local", tokens="a, b").endswith("\nTopic:")
+    assert _prompt(load_template("feature_label_input_local"), "_local", examples="- [[a]]").endswith("\nLabel:")
+    assert _prompt(load_template("feature_label_output"), "", tokens="x").endswith("\n")
+
+
 def test_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="n_show=30 must not exceed feature_labels.n_top=25"):
         LabelSettings(n_show=30)

@@ -73,7 +73,8 @@ def test_steering_records_samples_and_a_rerun_without_judge_calls(tmp_path: Path
     assert {r["factor"] for r in recs if r["metric"] == "sweep_score"} == {1.0, 4.0}  # the -T factors
     assert all(r["feature"] == concepts.index(r["concept"]) for r in recs), "DiM steers each concept's own row"
     factors = {r["value"] for r in recs if r["metric"] == "factor"}
-    assert factors <= {1.0, 4.0}
+    assert factors and factors <= {1.0, 4.0}
+    assert len([r for r in recs if r["metric"] == "factor"]) == 3, "one chosen factor per concept"
     samples = [s for s in read_jsonl(tmp_path / "a" / "samples.jsonl") if s["kind"] == "steering"]
     assert len(samples) == 3 * (2 * 1 + 2) + 3 * 2  # dev: factors x n_dev, test: chosen + alpha 0, per concept
     for s in samples:
@@ -93,8 +94,10 @@ def test_kl_calibration_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # random tiny models are nearly uniform: their next-token KL saturates near 0.01 nats
     _run(tmp_path / "kl", monkeypatch, "-T", "steering.calibration=kl", "-T", "steering.kl_targets=0.001,0.004")
     recs = _records(tmp_path / "kl")
-    assert {r["value"] for r in recs if r["metric"] == "kl_target"} <= {0.001, 0.004}
+    chosen = [r["value"] for r in recs if r["metric"] == "kl_target"]
+    assert len(chosen) == 3 and set(chosen) <= {0.001, 0.004}, "one chosen KL target per concept"
     samples = [s for s in read_jsonl(tmp_path / "kl" / "samples.jsonl") if s["kind"] == "steering" and s["alpha"]]
+    assert len(samples) == 3 * (2 * 1 + 2), "dev: 2 targets x 1 instruction, test: 2 instructions, per concept"
     for s in samples:
         assert s["kl"] == pytest.approx(s["kl_target"], rel=0.05), s
 
@@ -239,7 +242,8 @@ def test_bad_options_name_the_valid_values() -> None:
     # 3 concepts x (2 factors x 2 dev + 3 test chosen) + 3 test unsteered; judged: 3 aspects x (dev, chosen, base)
     assert Steering(max_concepts=3, factors=(1.0, 2.0), n_dev=2, n_test=3, max_new_tokens=10).cost(24, 40) == {
         "steering_generations": 24.0, "steering_new_tokens": 240.0, "steering_judge_items": 3.0 * 3 * (2 * 2 + 2 * 3)}
-    assert Steering(max_concepts=0).cost(5, 40)["steering_generations"] == 5 * (6 * 2 + 4) + 4  # every concept
+    default = Steering(max_concepts=0)
+    assert default.cost(5, 40)["steering_generations"] == 5 * (len(default.factors) * 2 + 4) + 4  # every concept
 
 
 # ----------------------------------------------------------------------------------------------- faulty judge
