@@ -1,22 +1,25 @@
 """A static HTML feature browser for run directories: `bench report DIR --browser`.
 
-Everything comes from the run directories: records.jsonl (scores, matched concepts) and samples.jsonl (the
-labeling task's contexts with per-token activations, output tokens, labels and judge answers; the steering task's
-generations). The site needs no server and no network:
+Everything comes from the run directories: records.jsonl (scores, matched concepts) and samples.jsonl. Concept-centric
+tasks: the labeling task's contexts with per-token activations, output tokens, labels and judge answers; the steering
+task's generations. Feature-centric tasks (the paper's): `feature_label` rows (input-side label, output-side label per
+sign, top activating tokens with contexts, vocabulary lists), `feature_steering` generations (per sign and KL target:
+alpha, reached KL, texts and ratings) and `feature_detection` sentences with the feature's responses (S_CD).
 
-    browser/index.html            every (model, layer, method) with its mean label scores
+The pages are jinja2 templates shipped as package data (`bench/templates/*.html.j2`, autoescaped, with browser.css
+and browser.js). The site needs no server and no network:
+
+    browser/index.html            every (model, layer, method) with its mean scores
     browser/<unit>.html           one page per unit: a compact, filterable, sortable feature list
-    browser/data/<unit>-<k>.js    feature details in chunks of `chunk` features, loaded on demand by a <script> tag
+    browser/data/<unit>-<k>.js    feature detail panes (pre-rendered HTML) in chunks of `chunk` features, loaded on
+                                  demand by a <script> tag
     browser/browser.css, browser.js
 
-Opening `<unit>.html#f=12` shows feature 12: its top contexts with the activating tokens highlighted by strength,
-the held-out scoring contexts with the judge's calls, the output-side tokens, the concept it matched, and the
-steering samples at the chosen alpha next to alpha = 0.
+Opening `<unit>.html#f=12` shows feature 12.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import math
@@ -24,15 +27,20 @@ import re
 import shutil
 from collections import defaultdict
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pandas as pd
 
 from bench.results import load, read_jsonl
 
 log = logging.getLogger(__name__)
 Unit = tuple[str, str, int, str]  # (run_id, model, layer, method)
+KINDS = ("labeling", "steering", "feature_label", "feature_steering", "feature_detection")
+FEATURE_TASKS = ("feature_labels", "feature_steering", "feature_detection")
+STATIC = ("browser.css", "browser.js")
 
 
 def write_browser(dirs: Sequence[str | Path], out: Path, chunk: int = 100) -> Path:
@@ -45,31 +53,47 @@ def write_browser(dirs: Sequence[str | Path], out: Path, chunk: int = 100) -> Pa
     samples = _samples(dirs)
     units = _units(frame, samples)
     many_runs = len({u[0] for u in units}) > 1
+    env = environment()
     if out.exists():
         shutil.rmtree(out)
     (out / "data").mkdir(parents=True)
-    (out / "browser.css").write_text(_CSS, encoding="utf-8")
-    (out / "browser.js").write_text(_JS, encoding="utf-8")
+    for name in STATIC:
+        (out / name).write_text(resources.files("bench").joinpath("templates", name).read_text("utf-8"), "utf-8")
     slugs = {u: _slug(u, many_runs) for u in units}
     summaries = []
     for unit, info in units.items():
-        features = _features(unit, info, frame, samples)
-        summaries.append(_summary(unit, info, features, slugs[unit]))
-        _write_unit(out, unit, info, features, slugs, chunk)
+        recs = _unit_records(frame, unit)
+        features = _features(unit, recs, samples)
+        summary = _summary(unit, info, features, recs, slugs[unit])
+        summaries.append(summary)
+        _write_unit(env, out, unit, summary, features, slugs, chunk)
     index = out / "index.html"
-    index.write_text(_index_page(summaries, many_runs), encoding="utf-8")
+    index.write_text(env.get_template("index.html.j2").render(
+        title="featbench feature browser", summaries=summaries, many_runs=many_runs,
+        concept_centric=any(s["concept_centric"] for s in summaries),
+        feature_centric=any(s["feature_centric"] for s in summaries)), encoding="utf-8")
     log.info("browser: %d units, %d features in %s", len(units), sum(s["n"] for s in summaries), out)
     return index
 
 
+def environment() -> jinja2.Environment:
+    """The jinja2 environment of the browser's templates (package data of `bench`), autoescaping HTML."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("bench", "templates"),
+                             autoescape=jinja2.select_autoescape(["html", "html.j2"]),
+                             undefined=jinja2.ChainableUndefined)  # optional sample fields render as nothing
+    env.filters.update(fmt=_fmt, pct=_pct, rating=_rating, yesno=_yesno, quoted=_quoted, pretty=_pretty)
+    env.globals.update(pieces=_pieces, marked=_marked, heat=_heat)
+    return env
+
+
 # ----------------------------------------------------------------------------------------------- data
 def _samples(dirs: Sequence[str | Path]) -> dict[Unit, dict[str, list[dict[str, Any]]]]:
-    """samples.jsonl rows by unit and kind (labeling, steering)."""
+    """samples.jsonl rows by unit and kind (`KINDS`)."""
     out: dict[Unit, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for d in dirs:
         run_id = _run_id(Path(d))
         for row in read_jsonl(Path(d) / "samples.jsonl"):
-            if row.get("kind") in ("labeling", "steering"):
+            if row.get("kind") in KINDS:
                 out[(run_id, row["model"], int(row["layer"]), row["method"])][row["kind"]].append(row)
     return out
 
@@ -88,6 +112,12 @@ def _units(frame: pd.DataFrame, samples: dict[Unit, Any]) -> dict[Unit, dict[str
     return dict(sorted(units.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][3], kv[0][0])))
 
 
+def _unit_records(frame: pd.DataFrame, unit: Unit) -> pd.DataFrame:
+    run_id, model, layer, method = unit
+    return frame[(frame["run_id"] == run_id) & (frame["model"] == model) & (frame["layer"] == layer)
+                 & (frame["method"] == method)]
+
+
 def _num(value: Any) -> float | None:
     try:
         v = float(value)
@@ -96,26 +126,43 @@ def _num(value: Any) -> float | None:
     return None if math.isnan(v) else v
 
 
-def _features(unit: Unit, info: dict[str, Any], frame: pd.DataFrame,
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _features(unit: Unit, recs: pd.DataFrame,
               samples: dict[Unit, dict[str, list[dict[str, Any]]]]) -> dict[int, dict[str, Any]]:
-    """feature -> details: labeling row, matched concepts with detection AUROC, steering pairs."""
-    run_id, model, layer, method = unit
-    recs = frame[(frame["run_id"] == run_id) & (frame["model"] == model) & (frame["layer"] == layer)
-                 & (frame["method"] == method)]
+    """feature -> details: labeling row, matched concepts with detection AUROC, steering pairs, and the
+    feature-centric labels (`fc_label`), steering groups (`fc_steering`) and detection (`fc_detection`)."""
+    rows = samples.get(unit, {})
     feats: dict[int, dict[str, Any]] = {}
-    for row in samples.get(unit, {}).get("labeling", []):
+
+    def feat(f: int) -> dict[str, Any]:
+        return feats.setdefault(f, {"feature": f, "matched": []})
+
+    for row in rows.get("labeling", []):
         keep = {k: v for k, v in row.items() if k not in ("model", "layer", "method", "task", "kind", "site")}
-        feats[int(row["feature"])] = {**keep, "matched": list(row.get("matched", []))}
+        feats[int(row["feature"])] = {**keep, "labeling": True, "matched": list(row.get("matched", []))}
     if "feature" in recs:
         det = recs[(recs["task"] == "detection") & recs["feature"].notna()]
         for r in det.itertuples():
-            f = feats.setdefault(int(r.feature), {"feature": int(r.feature), "matched": []})
+            f = feat(int(r.feature))
             m = next((m for m in f["matched"] if m["concept"] == r.concept), None)
             if m is None:
                 m = {"concept": r.concept}
                 f["matched"].append(m)
             m["train_auroc" if r.split == "train" else "test_auroc"] = _num(r.value)
-    steering = samples.get(unit, {}).get("steering", [])
+    _concept_steering(rows.get("steering", []), feat)
+    for row in rows.get("feature_label", []):
+        feat(int(row["feature"]))["fc_label"] = row
+    _feature_steering(recs, rows.get("feature_steering", []), feats, feat)
+    _feature_detection(recs, rows.get("feature_detection", []), feat)
+    return dict(sorted(feats.items()))
+
+
+def _concept_steering(steering: list[dict[str, Any]], feat: Any) -> None:
+    """The concept-centric steering task's chosen-alpha generations next to alpha = 0, per (feature, concept)."""
     by_key: dict[tuple[int, str], dict[str, Any]] = {}
     base = {(r["concept"], r["instruction"]): r for r in steering
             if r.get("split") == "test" and not r.get("alpha")}
@@ -130,25 +177,121 @@ def _features(unit: Unit, info: dict[str, Any], frame: pd.DataFrame,
                                "ratings": r.get("ratings"), "base": b.get("output"), "score_base": b.get("score"),
                                "ratings_base": b.get("ratings")})
     for (feature, _), entry in by_key.items():
-        f = feats.setdefault(feature, {"feature": feature, "matched": [{"concept": entry["concept"]}]})
+        f = feat(feature)
         f.setdefault("steering", []).append(entry)
         if not any(m["concept"] == entry["concept"] for m in f["matched"]):
             f["matched"].append({"concept": entry["concept"]})
-    return dict(sorted(feats.items()))
 
 
-def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
+def _sign(value: Any) -> int | None:
+    v = _num(value)
+    return None if v is None else (1 if v > 0 else -1)
 
 
-def _summary(unit: Unit, info: dict[str, Any], feats: dict[int, dict[str, Any]], slug: str) -> dict[str, Any]:
+def _feature_steering(recs: pd.DataFrame, rows: list[dict[str, Any]], feats: dict[int, dict[str, Any]],
+                      feat: Any) -> None:
+    """`fc_steering`: per sign (+ first) the best scores and, per KL target, alpha, reached KL, the mean ratings and
+    the generations; targets no alpha reached come from the records."""
+    cells: dict[tuple[int, int, float], dict[str, Any]] = {}
+    best: dict[tuple[int, int], dict[str, Any]] = {}
+    if "feature" in recs:
+        got = recs[(recs["task"] == "feature_steering") & recs["feature"].notna()]
+        for r in got.itertuples():
+            f, s, target = int(r.feature), _sign(r.sign), _num(r.kl_target)
+            if s is None:
+                continue
+            if r.metric in ("best_input_score", "best_output_score", "score"):
+                b = best.setdefault((f, s), {})
+                b[r.metric] = _num(r.value)
+                if r.metric != "score":
+                    b[r.metric.replace("_score", "_target")] = target
+            elif target is not None:
+                cells.setdefault((f, s, target), {"means": {}})["means"][r.metric] = _num(r.value)
+    for row in rows:
+        key = (int(row["feature"]), _sign(row.get("sign")) or 1, float(row["kl_target"]))
+        cell = cells.setdefault(key, {"means": {}})
+        cell.setdefault("samples", []).append(row)
+        cell.setdefault("alpha", row.get("alpha"))
+        cell.setdefault("kl", row.get("kl"))
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for (f, s, target), cell in sorted(cells.items()):
+        means = cell["means"]
+        reached = means.pop("reached", None)
+        groups[(f, s)].append({
+            "kl_target": target, "reached": bool(reached) if reached is not None else bool(cell.get("samples")),
+            "alpha": means.pop("alpha", None) if cell.get("alpha") is None else cell["alpha"],
+            "kl": means.pop("kl", None) if cell.get("kl") is None else cell["kl"],
+            "means": {k: v for k, v in means.items() if k not in ("alpha", "kl")}, "samples": cell.get("samples", [])})
+    for (f, s) in sorted(set(groups) | set(best), key=lambda k: (k[0], -k[1])):
+        label = feats.get(f, {}).get("fc_label")
+        sample = next((r for t in groups.get((f, s), []) for r in t["samples"]), None)
+        if label is not None:
+            inp, out = label.get("input_label"), label.get("output_label_pos" if s > 0 else "output_label_neg")
+        else:
+            inp, out = ((sample or {}).get("labels") or {}).get("input"), ((sample or {}).get("labels") or {}).get(
+                "output")
+        feat(f).setdefault("fc_steering", []).append({
+            "sign": s, "sign_text": "+" if s > 0 else "−", "input_label": inp, "output_label": out,
+            "targets": groups.get((f, s), []), **{"best_input_score": None, "best_output_score": None,
+                                                  "score": None, "best_input_target": None,
+                                                  "best_output_target": None, **best.get((f, s), {})}})
+
+
+def _feature_detection(recs: pd.DataFrame, rows: list[dict[str, Any]], feat: Any) -> None:
+    """`fc_detection`: S_CD, the two means, and the activating and neutral sentences with their responses."""
+    scores: dict[int, dict[str, float | None]] = defaultdict(dict)
+    if "feature" in recs:
+        got = recs[(recs["task"] == "feature_detection") & recs["feature"].notna()]
+        for r in got.itertuples():
+            scores[int(r.feature)][str(r.metric)] = _num(r.value)
+    for row in rows:
+        f = int(row["feature"])
+        sentences = {}
+        for mode in ("activating", "neutral"):
+            texts = row.get(f"{mode}_sentences") or []
+            stats = {s: row.get(f"{mode}_{s}") or [] for s in ("cosine", "r2", "corr", "mse")}
+            sentences[mode] = [{"text": t, **{s: v[i] if i < len(v) else None for s, v in stats.items()}}
+                               for i, t in enumerate(texts)]
+        means = {m: _mean([s["cosine"] for s in sentences[m]]) for m in ("activating", "neutral")}
+        got = scores.get(f, {})
+        feat(f)["fc_detection"] = {
+            "label": row.get("label"), "s_cd": got.get("s_cd", row.get("s_cd")), "sentences": sentences,
+            "mean_activating": got.get("mean_activating", means["activating"]),
+            "mean_neutral": got.get("mean_neutral", means["neutral"])}
+    for f, got in scores.items():
+        d = feat(f)
+        d.setdefault("fc_detection", {"label": (d.get("fc_label") or {}).get("input_label"), "s_cd": got.get("s_cd"),
+                                      "mean_activating": got.get("mean_activating"),
+                                      "mean_neutral": got.get("mean_neutral"),
+                                      "sentences": {"activating": [], "neutral": []}})
+
+
+def _metric_mean(recs: pd.DataFrame, task: str, metric: str) -> float | None:
+    if recs.empty:
+        return None
+    return _mean([_num(v) for v in recs[(recs["task"] == task) & (recs["metric"] == metric)]["value"]])
+
+
+def _summary(unit: Unit, info: dict[str, Any], feats: dict[int, dict[str, Any]], recs: pd.DataFrame,
+             slug: str) -> dict[str, Any]:
+    run_id, model, layer, method = unit
     names = [v for f in feats.values() for v in (f.get("names_concept") or {}).values()]
-    return {"unit": unit, "site": info["site"], "slug": slug, "n": len(feats),
-            "labelled": sum(1 for f in feats.values() if f.get("label")),
+    fc_labels = [f["fc_label"] for f in feats.values() if f.get("fc_label")]
+    return {"unit": unit, "run_id": run_id, "model": model, "layer": layer, "method": method, "site": info["site"],
+            "slug": slug, "n": len(feats),
+            "labelled": sum(1 for f in feats.values()
+                            if f.get("label") or (f.get("fc_label") or {}).get("input_label")),
+            "concept_centric": any(f.get("labeling") or f.get("matched") or f.get("steering") for f in feats.values()),
+            "feature_centric": any(f.get(k) for f in feats.values() for k in ("fc_label", "fc_steering",
+                                                                             "fc_detection")),
             "accuracy": _mean([f.get("accuracy") for f in feats.values()]),
             "f1": _mean([f.get("f1") for f in feats.values()]),
             "names": _mean(names),
+            "labels_present": _metric_mean(recs, "feature_labels", "labelled") or _mean(
+                [sum(r.get(k) is not None for k in ("input_label", "output_label_pos", "output_label_neg")) / 3
+                 for r in fc_labels]),
+            "steering_score": _metric_mean(recs, "feature_steering", "score"),
+            "s_cd_positive": _metric_mean(recs, "feature_detection", "s_cd_positive"),
             "labeler": next((f["labeler"] for f in feats.values() if f.get("labeler")), ""),
             "scorer": next((f["scorer"] for f in feats.values() if f.get("scorer")), "")}
 
@@ -159,282 +302,104 @@ def _slug(unit: Unit, with_run: bool) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
+# ----------------------------------------------------------------------------------------------- template helpers
+def _fmt(v: Any, digits: int = 2) -> str:
+    v = _num(v)
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _pct(v: Any) -> str:
+    v = _num(v)
+    return "–" if v is None else f"{v:.0%}"
+
+
+def _rating(v: Any) -> str:
+    """A judge rating; None is unscored (no parseable answer, or an unlabelled side)."""
+    v = _num(v)
+    return "unscored" if v is None else f"{v:.0f}" if v == int(v) else f"{v:.2f}"
+
+
+def _yesno(v: Any) -> str:
+    return "–" if v is None else "yes" if v else "no"
+
+
+def _quoted(v: Any) -> str:
+    return json.dumps(v, ensure_ascii=False)
+
+
+def _pretty(v: Any) -> str:
+    return json.dumps(v, ensure_ascii=False, indent=1, default=str)
+
+
+def _heat(act: Any, top: Any) -> str:
+    """Background alpha of a token with activation `act` when the strongest one has `top`; "" for none."""
+    a, m = _num(act), _num(top)
+    x = max(0.0, min(1.0, a / m)) if a is not None and m and m > 0 else 0.0
+    return f"{0.08 + 0.8 * x:.3f}" if x > 0 else ""
+
+
+def _pieces(s: dict[str, Any], top: Any) -> list[dict[str, Any]]:
+    """The tokens of a labeling context with their highlight; leading spaces stay outside the highlight."""
+    out = []
+    acts = s.get("acts") or []
+    for i, tok in enumerate(s.get("tokens") or []):
+        lead = re.match(r"\s*", tok).group(0)
+        if lead and len(lead) < len(tok):
+            tok = tok[len(lead):]
+        else:
+            lead = ""
+        act = acts[i] if i < len(acts) else None
+        out.append({"lead": lead, "tok": tok, "act": act, "alpha": _heat(act, top), "peak": i == s.get("peak")})
+    return out
+
+
+def _marked(t: dict[str, Any]) -> dict[str, str]:
+    """A top token's context split around the token (its `span`, else its first occurrence)."""
+    context, token = str(t.get("context") or ""), str(t.get("token") or "")
+    a, b = (list(t.get("span") or (0, 0)) + [0, 0])[:2]
+    if not (0 <= a < b <= len(context)):
+        a = context.find(token.strip()) if token.strip() else -1
+        b = a + len(token.strip())
+    if a < 0:
+        return {"before": context + " ", "token": token, "after": ""}
+    lead = len(context[a:b]) - len(context[a:b].lstrip())  # a leading space stays outside the highlight
+    a = a + lead if a + lead < b else a
+    return {"before": context[:a], "token": context[a:b], "after": context[b:]}
+
+
 # ----------------------------------------------------------------------------------------------- pages
-def _fmt(v: float | None, pct: bool = False) -> str:
-    if v is None:
-        return "–"
-    return f"{v:.0%}" if pct else f"{v:.2f}"
+def _row(f: int, d: dict[str, Any], i: int, chunk: int) -> dict[str, Any]:
+    """The unit list's row of feature `f`."""
+    fc = d.get("fc_label")
+    label = d.get("label") or (("(dead: never active)" if d.get("dead") else None) if d.get("labeling") else None)
+    if not label and fc is not None:
+        label = fc.get("input_label") or "unlabelled"
+    output = d.get("output_label")
+    if not output and fc is not None:
+        output = f"+ {fc.get('output_label_pos') or 'unlabelled'} · − {fc.get('output_label_neg') or 'unlabelled'}"
+    scores = [g["score"] for g in d.get("fc_steering", [])]
+    return {"f": f, "chunk": i // chunk, "input": label or "–", "output": output or "–",
+            "accuracy": d.get("accuracy"), "f1": d.get("f1"),
+            "concepts": ", ".join(m["concept"] for m in d.get("matched", [])),
+            "steering": _mean(scores), "s_cd": (d.get("fc_detection") or {}).get("s_cd")}
 
 
-def _page(title: str, body: str, data_attrs: str = "") -> str:
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<title>{html.escape(title)}</title><link rel="stylesheet" href="browser.css"></head>\n'
-            f'<body{data_attrs}>\n{body}\n<script src="browser.js"></script>\n</body></html>\n')
-
-
-def _index_page(summaries: list[dict[str, Any]], many_runs: bool) -> str:
-    head = ("<tr><th>model</th><th>layer</th><th>site</th><th>method</th>" + ("<th>run</th>" if many_runs else "")
-            + '<th class="n">features</th><th class="n">labelled</th><th class="n">label accuracy</th>'
-              '<th class="n">label F1</th><th class="n">label names concept</th></tr>')
-    rows = []
-    for s in summaries:
-        run_id, model, layer, method = s["unit"]
-        rows.append(
-            f'<tr><td>{html.escape(model)}</td><td>{layer}</td><td>{html.escape(s["site"])}</td>'
-            f'<td><a href="{s["slug"]}.html">{html.escape(method)}</a></td>'
-            + (f"<td>{html.escape(run_id)}</td>" if many_runs else "")
-            + f'<td class="n">{s["n"]}</td><td class="n">{s["labelled"]}</td><td class="n">{_fmt(s["accuracy"])}</td>'
-            f'<td class="n">{_fmt(s["f1"])}</td><td class="n">{_fmt(s["names"], pct=True)}</td></tr>')
-    body = ('<header><h1>featbench feature browser</h1><p>Features of each (model, layer, method): labels written '
-            'from their top-activating contexts and promoted tokens, scored by detection (can a judge tell, from '
-            'the label alone, held-out top contexts from random ones?). Pick a unit.</p></header>\n'
-            f'<table class="units"><thead>{head}</thead><tbody>\n' + "\n".join(rows) + "\n</tbody></table>")
-    return _page("featbench feature browser", body)
-
-
-def _write_unit(out: Path, unit: Unit, info: dict[str, Any], feats: dict[int, dict[str, Any]],
-                slugs: dict[Unit, str], chunk: int) -> None:
+def _write_unit(env: jinja2.Environment, out: Path, unit: Unit, summary: dict[str, Any],
+                feats: dict[int, dict[str, Any]], slugs: dict[Unit, str], chunk: int) -> None:
     run_id, model, layer, method = unit
     slug = slugs[unit]
+    detail = env.get_template("feature.html.j2")
     ordered = list(feats)
     for k in range(0, max(len(ordered), 1), chunk):
-        part = {f: feats[f] for f in ordered[k : k + chunk]}
-        blob = json.dumps(part, ensure_ascii=False, separators=(",", ":"), default=str)
+        part = {f: detail.render(f=f, d=feats[f]) for f in ordered[k : k + chunk]}
+        blob = json.dumps(part, ensure_ascii=False, separators=(",", ":"))
         (out / "data" / f"{slug}-{k // chunk}.js").write_text(f"FB.add({json.dumps(slug)},{k // chunk},{blob});\n",
                                                                encoding="utf-8")
-    rows = []
-    for i, (f, d) in enumerate(feats.items()):
-        concepts = ", ".join(m["concept"] for m in d.get("matched", []))
-        label = d.get("label") or ("(dead: never active)" if d.get("dead") else "–")
-        rows.append(f'<tr data-f="{f}" data-chunk="{i // chunk}"><td class="n"><a href="#f={f}">{f}</a></td>'
-                    f'<td class="label">{html.escape(label)}</td>'
-                    f'<td class="label out">{html.escape(d.get("output_label") or "–")}</td>'
-                    f'<td class="n">{_fmt(d.get("accuracy"))}</td><td class="n">{_fmt(d.get("f1"))}</td>'
-                    f'<td class="concept">{html.escape(concepts)}</td></tr>')
-    siblings = []
-    for other, s in slugs.items():
-        if other[0] == run_id and other[1] == model and (other[2] == layer) != (other[3] == method):
-            text = f"{other[3]} L{other[2]}"
-            siblings.append(f'<a href="{s}.html">{html.escape(text)}</a>')
-    s = _summary(unit, info, feats, slug)
-    title = f"{method} · {model} · layer {layer}"
-    body = (f'<nav><a href="index.html">all units</a> · also: {" · ".join(siblings) or "–"}</nav>\n'
-            f'<header><h1>{html.escape(title)} <small>{html.escape(info["site"])}</small></h1>'
-            f'<p class="summary">{s["n"]} features, {s["labelled"]} labelled · mean label accuracy '
-            f'{_fmt(s["accuracy"])} · mean F1 {_fmt(s["f1"])} · label names its concept {_fmt(s["names"], True)}'
-            f' · labeler {html.escape(s["labeler"] or "–")} · scorer {html.escape(s["scorer"] or "–")}</p></header>\n'
-            '<div class="layout"><section class="list"><input id="filter" type="search" '
-            'placeholder="filter: label, concept or feature number">'
-            '<table id="features"><thead><tr><th data-sort="n">#</th><th data-sort="s">input label</th>'
-            '<th data-sort="s">output label</th><th data-sort="n">acc</th><th data-sort="n">F1</th>'
-            '<th data-sort="s">matched concept</th></tr></thead><tbody>\n' + "\n".join(rows)
-            + '\n</tbody></table></section>\n<section id="detail"><p class="hint">Select a feature to see its '
-              'contexts, output tokens and steering samples.</p></section></div>')
-    (out / f"{slug}.html").write_text(_page(title, body, f' data-unit="{html.escape(slug)}"'), encoding="utf-8")
-
-
-_CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 1.2em 2em; color: #1d1d1f; }
-h1 { font-size: 1.35em; margin: .6em 0 .2em; } h1 small { color: #777; font-weight: normal; font-size: .7em; }
-h2 { font-size: 1.15em; margin: .2em 0; } h3 { font-size: 1em; margin: 1em 0 .3em; }
-nav { margin-top: .8em; color: #666; } a { color: #0b62c4; text-decoration: none; }
-a:hover { text-decoration: underline; }
-.summary, .hint { color: #555; margin: .2em 0 .8em; }
-table { border-collapse: collapse; } th, td { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: left;
-  vertical-align: top; } th { background: #f6f6f6; position: sticky; top: 0; cursor: default; }
-th[data-sort] { cursor: pointer; } td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
-.layout { display: grid; grid-template-columns: minmax(380px, 42%) 1fr; gap: 1.2em; align-items: start; }
-.list { max-height: calc(100vh - 150px); overflow: auto; border: 1px solid #ddd; }
-.list table { width: 100%; font-size: 13px; } .list td.label { max-width: 16em; } .list td.out { color: #555; }
-.list td.label, .list td.concept { overflow-wrap: anywhere; } .list td.n { white-space: nowrap; }
-#features tbody tr { cursor: pointer; } #features tbody tr:hover { background: #f2f7ff; }
-#features tbody tr.sel { background: #dceaff; }
-#filter { width: 100%; box-sizing: border-box; padding: 5px 8px; border: 0; border-bottom: 1px solid #ddd;
-  font: inherit; position: sticky; top: 0; }
-#detail { max-height: calc(100vh - 150px); overflow: auto; }
-.labels p { margin: .2em 0; } .tag { display: inline-block; font-size: .8em; padding: 0 6px; border-radius: 8px;
-  background: #eee; color: #444; margin-right: 4px; }
-.ctx { font: 14px/1.8 Georgia, "Times New Roman", serif; padding: 3px 6px; border-bottom: 1px dotted #e3e3e3;
-  white-space: pre-wrap; word-break: break-word; }
-.ctx .t { border-radius: 2px; } .ctx .peak { outline: 1px solid #b34700; }
-.ctx .meta { color: #888; font: 12px system-ui, sans-serif; margin-left: .6em; }
-.ok { color: #17803d; } .bad { color: #c0362c; }
-.tokens span { display: inline-block; font: 12px ui-monospace, Menlo, monospace; background: #f1f1f1; margin: 2px;
-  padding: 0 4px; border-radius: 3px; white-space: pre; } .tokens .neg { background: #e8f0fb; }
-.steer td { max-width: 28em; white-space: pre-wrap; } details { margin: .6em 0; } pre { white-space: pre-wrap; }
-table.units td, table.units th { padding: 4px 10px; }
-"""
-
-_JS = r"""
-"use strict";
-var FB = {chunks: {}, data: {}, pending: {},
-  add: function (unit, chunk, features) {
-    for (var f in features) FB.data[f] = features[f];
-    FB.chunks[chunk] = true;
-    (FB.pending[chunk] || []).forEach(function (cb) { cb(); });
-    delete FB.pending[chunk];
-  }
-};
-function el(tag, attrs, text) {
-  var e = document.createElement(tag);
-  for (var k in (attrs || {})) e.setAttribute(k, attrs[k]);
-  if (text !== undefined && text !== null) e.textContent = String(text);
-  return e;
-}
-function fmt(v, d) { return (v === null || v === undefined) ? "–" : Number(v).toFixed(d === undefined ? 2 : d); }
-function yesNo(v) { return (v === null || v === undefined) ? "–" : v ? "yes" : "no"; }
-function load(chunk, cb) {
-  var unit = document.body.getAttribute("data-unit");
-  if (FB.chunks[chunk]) { cb(); return; }
-  (FB.pending[chunk] = FB.pending[chunk] || []).push(cb);
-  if (FB.pending[chunk].length > 1) return;
-  document.head.appendChild(el("script", {src: "data/" + unit + "-" + chunk + ".js"}));
-}
-function context(s, max, extra) {
-  var div = el("div", {"class": "ctx"});
-  s.tokens.forEach(function (tok, i) {
-    var lead = /^\s*/.exec(tok)[0];  // leading space stays outside the highlight
-    if (lead && lead.length < tok.length) {
-      div.appendChild(document.createTextNode(lead));
-      tok = tok.slice(lead.length);
-    }
-    var a = s.acts[i];
-    var span = el("span", {"class": "t" + (i === s.peak ? " peak" : ""), title: "activation " + fmt(a, 3)}, tok);
-    var x = max > 0 ? Math.max(0, Math.min(1, a / max)) : 0;
-    if (x > 0) span.style.background = "rgba(255, 120, 0, " + (0.08 + 0.8 * x).toFixed(3) + ")";
-    div.appendChild(span);
-  });
-  var meta = s.split + " #" + s.row + " · peak " + fmt(s.acts[s.peak], 3) + (extra || "");
-  div.appendChild(el("span", {"class": "meta"}, meta));
-  return div;
-}
-function tokenList(items, cls) {
-  var p = el("div", {"class": "tokens"});
-  (items || []).forEach(function (t) {
-    p.appendChild(el("span", {"class": cls, title: "logit " + fmt(t[1], 3)}, JSON.stringify(t[0])));
-  });
-  return p;
-}
-function tagged(tag, text) {
-  var p = el("p");
-  p.appendChild(el("span", {"class": "tag"}, tag));
-  p.appendChild(document.createTextNode(text || "–"));
-  return p;
-}
-function render(f) {
-  var d = FB.data[f], box = document.getElementById("detail");
-  box.textContent = "";
-  if (!d) { box.appendChild(el("p", {"class": "hint"}, "No data for feature " + f + ".")); return; }
-  box.appendChild(el("h2", {}, "Feature " + f + (d.dead ? " (dead: never active on the data)" : "")));
-  var labels = el("div", {"class": "labels"});
-  labels.appendChild(tagged("input label", d.label));
-  labels.appendChild(tagged("output label", d.output_label));
-  labels.appendChild(el("p", {}, "detection: accuracy " + fmt(d.accuracy) + " · F1 " + fmt(d.f1)
-    + " · max activation " + fmt(d.max_act, 3) + (d.labeler ? " · labeler " + d.labeler : "")
-    + (d.scorer ? " · scorer " + d.scorer : "")));
-  box.appendChild(labels);
-  if ((d.matched || []).length) {
-    box.appendChild(el("h3", {}, "Matched concept"));
-    var ul = el("ul");
-    d.matched.forEach(function (m) {
-      ul.appendChild(el("li", {}, m.concept + " — train AUROC " + fmt(m.train_auroc)
-        + ", test AUROC " + fmt(m.test_auroc)
-        + " · input label names it: " + yesNo((d.names_concept || {})[m.concept])
-        + " · output label names it: " + yesNo((d.output_names_concept || {})[m.concept])
-        + (m.description ? " · “" + m.description + "”" : "")));
-    });
-    box.appendChild(ul);
-  }
-  if ((d.top || []).length) {
-    box.appendChild(el("h3", {}, "Top " + d.top.length + " contexts (darker = more active)"));
-    d.top.forEach(function (s) { box.appendChild(context(s, d.max_act)); });
-  }
-  if (d.promoted || d.suppressed) {
-    box.appendChild(el("h3", {}, "Output side: tokens the direction promotes"));
-    box.appendChild(tokenList(d.promoted, ""));
-    box.appendChild(el("h3", {}, "… and suppresses"));
-    box.appendChild(tokenList(d.suppressed, "neg"));
-  }
-  if ((d.scoring || []).length) {
-    box.appendChild(el("h3", {}, "Detection scoring: held-out top contexts and random ones, "
-      + "judged from the label alone"));
-    d.scoring.forEach(function (s, i) {
-      var pred = d.predictions ? d.predictions[i] : null, known = pred !== null && pred !== undefined;
-      var mark = !known ? " · unscored" : (pred === s.truth ? " · ✓ " : " · ✗ ") + "judged "
-        + (pred ? "active" : "inactive");
-      var c = context(s, d.max_act, " · " + (s.truth ? "top context" : "random context") + mark);
-      if (known) c.lastChild.className += pred === s.truth ? " ok" : " bad";
-      box.appendChild(c);
-    });
-  }
-  (d.steering || []).forEach(function (st) {
-    box.appendChild(el("h3", {}, "Steering toward " + st.concept + " at alpha " + fmt(st.alpha)
-      + " (factor " + fmt(st.factor) + ") vs alpha = 0"));
-    var t = el("table", {"class": "steer"}), head = el("tr");
-    ["instruction", "steered (alpha " + fmt(st.alpha) + ")", "unsteered (alpha 0)"].forEach(function (h) {
-      head.appendChild(el("th", {}, h));
-    });
-    t.appendChild(head);
-    st.pairs.forEach(function (pr) {
-      var tr = el("tr");
-      tr.appendChild(el("td", {}, pr.instruction));
-      tr.appendChild(el("td", {}, (pr.steered || "") + "\n[score " + fmt(pr.score) + "]"));
-      tr.appendChild(el("td", {}, (pr.base || "") + "\n[score " + fmt(pr.score_base) + "]"));
-      t.appendChild(tr);
-    });
-    box.appendChild(t);
-  });
-  if (d.answers && Object.keys(d.answers).length) {
-    var det = el("details");
-    det.appendChild(el("summary", {}, "raw labeler and judge answers"));
-    det.appendChild(el("pre", {}, JSON.stringify(d.answers, null, 1)));
-    box.appendChild(det);
-  }
-}
-function show() {
-  var m = /f=(\d+)/.exec(location.hash);
-  if (!m) return;
-  var row = document.querySelector('#features tbody tr[data-f="' + m[1] + '"]');
-  document.querySelectorAll("#features tbody tr.sel").forEach(function (r) { r.classList.remove("sel"); });
-  if (!row) { render(m[1]); return; }
-  row.classList.add("sel");
-  load(row.getAttribute("data-chunk"), function () { render(m[1]); });
-}
-function cellValue(row, col, num) {
-  var x = row.cells[col].textContent;
-  if (!num) return x;
-  x = parseFloat(x);
-  return isNaN(x) ? -Infinity : x;
-}
-function setup() {
-  var table = document.getElementById("features");
-  if (!table) return;
-  var body = table.tBodies[0];
-  body.addEventListener("click", function (e) {
-    var tr = e.target.closest("tr");
-    if (tr) location.hash = "f=" + tr.getAttribute("data-f");
-  });
-  document.getElementById("filter").addEventListener("input", function (e) {
-    var q = e.target.value.toLowerCase();
-    body.querySelectorAll("tr").forEach(function (tr) {
-      tr.style.display = !q || tr.textContent.toLowerCase().indexOf(q) >= 0 ? "" : "none";
-    });
-  });
-  table.tHead.querySelectorAll("th").forEach(function (th, col) {
-    th.addEventListener("click", function () {
-      var num = th.getAttribute("data-sort") === "n", dir = th.getAttribute("data-dir") === "desc" ? 1 : -1;
-      th.setAttribute("data-dir", dir === 1 ? "asc" : "desc");
-      var rows = Array.prototype.slice.call(body.rows);
-      rows.sort(function (a, b) {
-        var x = cellValue(a, col, num), y = cellValue(b, col, num);
-        return dir * (num ? x - y : String(x).localeCompare(String(y)));
-      });
-      rows.forEach(function (r) { body.appendChild(r); });
-    });
-  });
-  window.addEventListener("hashchange", show);
-  show();
-}
-setup();
-"""
+    siblings = [{"slug": s, "text": f"{other[3]} L{other[2]}"} for other, s in slugs.items()
+                if other[0] == run_id and other[1] == model and (other[2] == layer) != (other[3] == method)]
+    page = env.get_template("unit.html.j2").render(
+        title=f"{method} · {model} · layer {layer}", unit_slug=slug, s=summary, siblings=siblings,
+        rows=[_row(f, d, i, chunk) for i, (f, d) in enumerate(feats.items())],
+        has_steering=any(d.get("fc_steering") for d in feats.values()),
+        has_detection=any(d.get("fc_detection") for d in feats.values()))
+    (out / f"{slug}.html").write_text(page, encoding="utf-8")

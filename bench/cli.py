@@ -158,6 +158,10 @@ def _report(args: argparse.Namespace) -> int:
     out = Path(args.out or args.figures or dirs[0])
     sys.stdout.write(write_leaderboard(frame, out))
     log.info("wrote %s, %s and paired.md/.csv", out / "leaderboard.md", out / "leaderboard.csv")
+    from bench.feature_report import write_feature_tables
+
+    for path in write_feature_tables(frame, dirs, out):
+        log.info("wrote %s", path)
     if args.figures:
         from bench.figures import write_figures
         from bench.report import write_latex

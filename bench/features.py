@@ -81,6 +81,19 @@ def mean_norm(acts: Activations) -> float:
     return float(acts.x.float().norm(dim=-1).mean())
 
 
+def max_activations(method: FeatureMethod, acts: Activations, features: list[int], chunk: int = 4096) -> Tensor:
+    """The largest activation (`method.encode`) of each of `features` over every token of `acts`: [len(features)].
+
+    axbench's `max_act`, the scale of its steering factors: the maximum over a concept's latent-evaluation
+    examples and their tokens (BOS and padding excluded, as `acts` holds them) of the feature's latent value.
+    Empty `acts` give -inf."""
+    out = torch.full((len(features),), float("-inf"))
+    for start in range(0, len(acts), chunk):
+        z = method.encode(acts.x[start : start + chunk])[:, features].float().cpu()  # [chunk, len(features)]
+        out = torch.maximum(out, z.amax(0))
+    return out
+
+
 def steering_target(model: torch.nn.Module, site: Site, directions: Tensor) -> tuple[Site, Tensor]:
     """Where to add, and the unit vectors to add, to steer along feature `directions` [n, d_site] read at `site`.
 

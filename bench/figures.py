@@ -232,6 +232,72 @@ def fig_paired(frame: pd.DataFrame):  # noqa: ANN201
     return fig
 
 
+def fig_feature_steering(frame: pd.DataFrame):  # noqa: ANN201
+    """The paper's steering figure: mean score over features against the KL target, a line per configuration
+    with its bootstrap 95% band; a row of panels per (model, layer), input score left, output score right."""
+    from bench.feature_report import SIDES, by_kl_target
+
+    table = by_kl_target(frame)
+    if table.empty:
+        return None
+    import matplotlib.pyplot as plt
+
+    _style()
+    where = table[["model", "layer"]].drop_duplicates().sort_values(["model", "layer"]).to_numpy().tolist()
+    fig, axes = plt.subplots(len(where), 2, figsize=(8.4, 3.0 * len(where)), squeeze=False)
+    looks = _looks(table)
+    for row, (model, layer) in zip(axes, where, strict=True):
+        for ax, side in zip(row, SIDES, strict=True):
+            g = table[(table["model"] == model) & (table["layer"] == layer) & (table["metric"] == side)]
+            for label, h in g.groupby("label", sort=True):
+                h = h.sort_values("kl_target")
+                ax.plot(h["kl_target"], h["mean"], label=label, **looks[label])
+                ax.fill_between(h["kl_target"], h["ci_low"], h["ci_high"], color=looks[label]["color"], alpha=0.12)
+            ax.set_xscale("log")
+            targets = sorted(table["kl_target"].unique())
+            ax.set_xticks(targets, [f"{t:g}" for t in targets])
+            ax.minorticks_off()
+            ax.set_xlabel("KL target (nats)")
+            ax.set_ylabel(f"{side.replace('_', ' ')} (0-2)")
+            ax.set_ylim(0, 2)
+            ax.set_title(f"{model} L{layer}: {side.split('_')[0]} side", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Feature-centric steering: harmonic mean of concept and fluency against the KL target")
+    fig.tight_layout()
+    return fig
+
+
+def fig_scd(frame: pd.DataFrame):  # noqa: ANN201
+    """The paper's concept detection: the distribution of S_CD over features, a box per configuration, one panel
+    per (model, layer); the fraction of features with S_CD > 0 over each box."""
+    f = configurations(frame)
+    t = f[(f["task"] == "feature_detection") & (f["metric"] == "s_cd") & (f["split"] == "test")]
+    t = t.dropna(subset=["value"])
+    if t.empty:
+        return None
+    looks = _looks(t)
+    where = t[["model", "layer"]].drop_duplicates().sort_values(["model", "layer"]).to_numpy().tolist()
+    fig, axes = _panels(len(where), max(3.2, 1.1 * t["label"].nunique()), 3.2)
+    for ax, (model, layer) in zip(axes, where, strict=True):
+        g = t[(t["model"] == model) & (t["layer"] == layer)]
+        labels = sorted(g["label"].unique())
+        values = [g.loc[g["label"] == label, "value"].to_numpy(dtype=float) for label in labels]
+        box = ax.boxplot(values, patch_artist=True)
+        for patch, label in zip(box["boxes"], labels, strict=True):
+            patch.set_facecolor(looks[label]["color"])
+            patch.set_alpha(0.6)
+        for i, v in enumerate(values, start=1):
+            ax.annotate(f"{(v > 0).mean():.0%} > 0", (i, 1.0), xycoords=("data", "axes fraction"), ha="center",
+                        va="bottom", fontsize=7)
+        ax.axhline(0, color="grey", lw=1)
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30 if len(labels) > 3 else 0)
+        ax.set_ylabel("S_CD per feature")
+        ax.set_title(f"{model} L{layer}", fontsize=9, pad=14)
+    fig.suptitle("Concept detection: log(mean response to activating / neutral sentences)")
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {
     "detection_auroc_by_layer": fig_detection,
     "steering_score_by_layer": fig_steering,
@@ -240,6 +306,8 @@ FIGURES = {
     "steering_concept_heatmap": fig_concept_heatmap,
     "labeling_scores": fig_labels,
     "paired_differences": fig_paired,
+    "feature_steering_by_kl": fig_feature_steering,
+    "feature_detection_scd": fig_scd,
 }
 
 

@@ -30,8 +30,10 @@ ABBREV = {"n_features": "k", "d_sae": "d", "sparsity": "sp", "normalize": "norm"
           "l1_coefficient": "l1", "max_iter": "iter", "calibration": "cal", "max_concepts": "concepts"}
 SUMMARY_COLUMNS = ["task", "metric", "label", "method", "model", "layer", "mean", "ci_low", "ci_high", "n_scored",
                    "coverage", "n_seeds", "seeds", "site", "model_source", "judge", "params", "task_params"]
-PAIRED_COLUMNS = ["task", "metric", "model", "layer", "a", "b", "n", "mean_a", "mean_b", "diff", "ci_low", "ci_high",
-                  "p_value", "win_rate"]
+PAIRED_COLUMNS = ["task", "metric", "model", "layer", "design", "a", "b", "n", "n_b", "mean_a", "mean_b", "diff",
+                  "ci_low", "ci_high", "p_value", "win_rate"]
+PAIRED = "paired"  # scored on the same concepts: paired bootstrap, sign-flip permutation
+INDEPENDENT = "independent"  # each configuration's own features: two-sample bootstrap, label permutation
 _HEADER = "(test split; per concept the mean over seeds, then the mean over concepts with a bootstrap 95% CI; n scored)"
 
 
@@ -256,27 +258,93 @@ def permutation_p(a: np.ndarray, b: np.ndarray, n_perm: int = 9999, seed: int = 
 
 
 def paired(frame: pd.DataFrame, n_perm: int = 9999, seed: int = 0) -> pd.DataFrame:
-    """Every pair of configurations at one (model, layer, task, metric), test split, over their shared concepts
-    (records without a concept are not paired): mean of a and b, mean difference a - b with a paired bootstrap
-    95% CI (resampling concepts), two-sided sign-flip permutation p-value, win rate of a (ties half) and n."""
-    m = item_means(frame)
-    m = m[m["by_concept"].astype(bool)].dropna(subset=["value"])
+    """Every pair of configurations at one (model, layer, task, metric), test split.
+
+    Concept-centric records (`design` "paired"): over the concepts both scored, the mean of a and b, the mean
+    difference a - b with a paired bootstrap 95% CI (resampling concepts), a two-sided sign-flip permutation
+    p-value, the win rate of a (ties half) and n. Feature-centric records (no concept; `design` "independent"):
+    each configuration scores its own features (feature 3 of SNMF is not feature 3 of an SAE), so the items are
+    two independent samples, each a feature's mean over its records (signs, KL targets, seeds): the difference of
+    the means with a two-sample bootstrap CI (features resampled within each configuration), a two-sided label
+    permutation p-value, and as win rate the probability that a random feature of a beats one of b (ties half)."""
+    m = item_means(frame).dropna(subset=["value"])
     rows = []
     for (task, metric, model, layer), g in m.groupby(["task", "metric", "model", "layer"], sort=True):
-        wide = g.pivot(index="item", columns="label", values="value")
-        labels = sorted(wide.columns)
-        values = wide[labels].to_numpy(dtype=float)  # [concepts, configurations]
-        for (i, a), (j, b) in combinations(enumerate(labels), 2):
-            both = ~np.isnan(values[:, i]) & ~np.isnan(values[:, j])
-            if not both.any():
-                continue
-            x, y = values[both, i], values[both, j]
-            lo, hi = bootstrap_ci(x - y, seed=seed)
-            rows.append({"task": task, "metric": metric, "model": model, "layer": layer, "a": a, "b": b,
-                         "n": int(both.sum()), "mean_a": x.mean(), "mean_b": y.mean(), "diff": float((x - y).mean()),
-                         "ci_low": lo, "ci_high": hi, "p_value": permutation_p(x, y, n_perm, seed),
-                         "win_rate": float(((x > y) + 0.5 * (x == y)).mean())})
+        concept = g["by_concept"].astype(bool)
+        where = {"task": task, "metric": metric, "model": model, "layer": layer}
+        rows += [where | r for r in _paired_rows(g[concept], n_perm, seed)]
+        rows += [where | r for r in _independent_rows(g[~concept], n_perm, seed)]
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+def _paired_rows(g: pd.DataFrame, n_perm: int, seed: int) -> list[dict[str, Any]]:
+    wide = g.pivot(index="item", columns="label", values="value")
+    labels = sorted(wide.columns)
+    values = wide[labels].to_numpy(dtype=float)  # [concepts, configurations]
+    rows = []
+    for (i, a), (j, b) in combinations(enumerate(labels), 2):
+        both = ~np.isnan(values[:, i]) & ~np.isnan(values[:, j])
+        if not both.any():
+            continue
+        x, y = values[both, i], values[both, j]
+        lo, hi = bootstrap_ci(x - y, seed=seed)
+        rows.append({"design": PAIRED, "a": a, "b": b, "n": int(both.sum()), "n_b": int(both.sum()),
+                     "mean_a": x.mean(), "mean_b": y.mean(), "diff": float((x - y).mean()), "ci_low": lo,
+                     "ci_high": hi, "p_value": permutation_p(x, y, n_perm, seed),
+                     "win_rate": float(((x > y) + 0.5 * (x == y)).mean())})
+    return rows
+
+
+def _independent_rows(g: pd.DataFrame, n_perm: int, seed: int) -> list[dict[str, Any]]:
+    samples = {label: v["value"].to_numpy(dtype=float) for label, v in g.groupby("label", sort=True)}
+    rows = []
+    for a, b in combinations(sorted(samples), 2):
+        x, y = samples[a], samples[b]
+        lo, hi = bootstrap_diff_ci(x, y, seed=seed)
+        rows.append({"design": INDEPENDENT, "a": a, "b": b, "n": len(x), "n_b": len(y), "mean_a": x.mean(),
+                     "mean_b": y.mean(), "diff": float(x.mean() - y.mean()), "ci_low": lo, "ci_high": hi,
+                     "p_value": permutation_p_independent(x, y, n_perm, seed),
+                     "win_rate": float(((x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])).mean())})
+    return rows
+
+
+def bootstrap_diff_ci(x: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of mean(x) - mean(y) for independent samples x [n] and y [m], each resampled
+    within itself (NaN, NaN when either has fewer than two values)."""
+    if len(x) < 2 or len(y) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    diffs = (rng.choice(x, size=(n_boot, len(x))).mean(axis=1)
+             - rng.choice(y, size=(n_boot, len(y))).mean(axis=1))  # [n_boot]
+    lo, hi = np.percentile(diffs, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(lo), float(hi)
+
+
+def permutation_p_independent(x: np.ndarray, y: np.ndarray, n_perm: int = 9999, seed: int = 0) -> float:
+    """Two-sided permutation p-value of mean(x) - mean(y) for independent samples: the pooled values are
+    relabelled at random (seeded) `n_perm` times, p = (1 + count) / (1 + n_perm). NaN when either sample is
+    empty or both have one value."""
+    if len(x) == 0 or len(y) == 0 or len(x) + len(y) < 3:
+        return float("nan")
+    pooled = np.concatenate([x, y]).astype(float)  # [n + m]
+    observed = abs(x.mean() - y.mean())
+    rng = np.random.default_rng(seed)
+    count = 0
+    for start in range(0, n_perm, 2048):
+        k = min(2048, n_perm - start)
+        perm = rng.permuted(np.broadcast_to(pooled, (k, len(pooled))), axis=1)  # [k, n + m]
+        d = np.abs(perm[:, : len(x)].mean(axis=1) - perm[:, len(x):].mean(axis=1))
+        count += int(np.count_nonzero(d >= observed - 1e-9 * max(1.0, observed)))
+    return (1 + count) / (1 + n_perm)
+
+
+_DESIGNS = {
+    PAIRED: "test split; paired over shared concepts, bootstrap 95% CI of the mean difference, two-sided sign-flip "
+            "permutation p, win rate of a with ties half",
+    INDEPENDENT: "test split; each configuration's own features, a feature's mean over its signs and KL targets; "
+                 "difference of means with a two-sample bootstrap 95% CI, two-sided label permutation p, P(a feature "
+                 "of a beats one of b) with ties half; n = features of a vs b"}
 
 
 def write_paired(frame: pd.DataFrame, out: Path) -> str:
@@ -285,15 +353,16 @@ def write_paired(frame: pd.DataFrame, out: Path) -> str:
     parts = []
     for (task, metric), g in table.groupby(["task", "metric"], sort=True):
         shown = pd.DataFrame({
-            "model": g["model"], "layer": g["layer"], "a": g["a"], "b": g["b"], "n": g["n"],
+            "model": g["model"], "layer": g["layer"], "a": g["a"], "b": g["b"],
+            "n": [str(n) if d == PAIRED else f"{n} vs {nb}" for d, n, nb in zip(g["design"], g["n"], g["n_b"],
+                                                                                 strict=True)],
             "a - b [95% CI]": [f"{d:+.3f} [{lo:+.2f}, {hi:+.2f}]" if not np.isnan(lo) else f"{d:+.3f}"
                                for d, lo, hi in zip(g["diff"], g["ci_low"], g["ci_high"], strict=True)],
             "p": [f"{p:.4f}" if not np.isnan(p) else "" for p in g["p_value"]],
             "a wins": [f"{w:.0%}" for w in g["win_rate"]]})
-        parts.append(f"### {task}: {metric} (test split; paired over shared concepts, bootstrap 95% CI of the mean "
-                     "difference, two-sided sign-flip permutation p, win rate of a with ties half)\n")
+        parts.append(f"### {task}: {metric} ({_DESIGNS[g['design'].iloc[0]]})\n")
         parts.append(shown.to_markdown(index=False, disable_numparse=True) + "\n")
-    markdown = "\n".join(parts) if parts else "(no pairs of configurations scored on shared concepts)\n"
+    markdown = "\n".join(parts) if parts else "(no pairs of configurations at one model, layer and task)\n"
     (out / "paired.md").write_text(markdown)
     table.to_csv(out / "paired.csv", index=False)
     return markdown

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,7 +211,9 @@ class Run:
         t0, status = time.perf_counter(), "error"
         try:
             start = {**environment(self.device), "resume": self.resume, "units": 0,
-                     "fits": {"fitted": 0, "loaded": 0}}
+                     "fits": {"fitted": 0, "loaded": 0}, "cpu_count": os.cpu_count(),
+                     "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
+            cpu0 = _cpu_seconds()
             env = read_env(self.out)
             env["starts"].append(start)
             write_env(self.out, env)
@@ -224,7 +227,9 @@ class Run:
                 status = f"error: {type(e).__name__}: {e}"
                 raise
             finally:
-                start.update(ended=utc_now(), seconds=round(time.perf_counter() - t0, 3), status=status)
+                start.update(ended=utc_now(), seconds=round(time.perf_counter() - t0, 3), status=status,
+                             cpu_seconds=round(_cpu_seconds() - cpu0, 1),  # this process's user + system time
+                             load_avg_end=[round(x, 2) for x in os.getloadavg()])
                 write_env(self.out, env)
         finally:
             self.close()
@@ -269,6 +274,7 @@ class Run:
 
     def _unit(self, task_name: str, method: FeatureMethod, ctx: Context, base: dict[str, Any], fit: Fit) -> None:
         """Run one task (or record the fit), then append its samples, its records and its done marker."""
+        t0 = time.perf_counter()
         samples: list[dict[str, Any]] = []
         base = {**base, "task": task_name, "task_params": {}, "judge": None}
         ctx.samples = lambda row: samples.append(
@@ -287,6 +293,7 @@ class Run:
         append_jsonl(self.out / "samples.jsonl", samples)
         append_jsonl(self.out / "records.jsonl", [to_record(s, **base) for s in scores])
         append_jsonl(self.out / "units.jsonl", [{"unit": key, "n_records": len(scores), "fit_key": fit.key,
+                                                 "seconds": round(time.perf_counter() - t0, 2),
                                                  "fit_cached": fit.cached}])
         self.done.add(key)
 
@@ -323,3 +330,12 @@ def _model_source(model_id: str, prov: dict[str, Any]) -> str:
     if "package" in prov:
         return f"{prov['package']}=={prov['package_version']} sha256:{prov['file_sha256']}"
     return f"{model_id}@{prov['revision']}"
+
+
+def _cpu_seconds() -> float:
+    """User plus system CPU seconds of this process so far (all its threads): unlike wall time, barely moved by
+    other processes on the machine."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime

@@ -233,6 +233,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each fit (default: torch's)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each; the best is reported")
     ap.add_argument("--reference", help="path to the paper's factorization/seminmf.py, to time it too")
+    ap.add_argument("--json", metavar="PATH", help="also write the settings and every run as JSON (README tables)")
     ap.add_argument("--child", choices=("featbench", "fb-mkl", "plain", "reference"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stream and not args.chunk_tokens:
@@ -284,6 +285,12 @@ def main() -> None:
             frac = r["matmul_peak_fraction"]
             print(f"{'':<10} fp32 matmul peak {r['peak_tflops']:.1f} TFLOP/s; this fit reached {frac:.1%}")
     print(f"A itself: {n * d * 4 / 2**20:.1f} MiB (float32)")
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k not in ("child", "json")}
+        settings["reference"] = bool(args.reference)  # a local path says nothing to a reader
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"settings": settings, "n": n, "d": d, "best": rows, "runs": runs,
+                                               "cpu_s_per_iter": cpu}, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RUN = ROOT / "results" / "paper"  # the records of `bench run` (no arguments) on the default model
+DEFAULT_RUN = ROOT / "results" / "default"  # `bench run` (no arguments): the feature-centric protocol, default model
+CONCEPTS_RUN = ROOT / "results" / "concepts"  # `bench run --preset concepts`: the concept-centric protocol
+DIM_RESID_RUN = ROOT / "results" / "dim-resid"  # DiM at the residual stream, detection (the site comparison)
 _BLOCK = re.compile(r"(<!-- numbers:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /numbers:(?P=name) -->)", re.S)
 
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------------------------- blocks
 # Each reads committed files only.
 
-MAIN = [  # (task, metric, row title) of the default run's main table
+MAIN = [  # (task, metric, row title) of the concept-centric run's main table
     ("detection", "auroc", "detection AUROC"),
     ("steering", "score", "steering score (harmonic mean, 0-2)"),
     ("steering", "concept", "steering concept rating (0-2)"),
@@ -115,29 +117,18 @@ def _layers(summ: pd.DataFrame) -> list[int]:
     return sorted({int(x) for x in summ["layer"]})
 
 
-@block("default-table")
-def default_table() -> str:
-    """Test-split means over concepts with bootstrap 95% CIs, per method and layer, for the main metrics."""
-    from bench.report import summary
-
-    summ = summary(_frame(DEFAULT_RUN))
-    layers = _layers(summ)
-    rows = []
-    for task, metric, title in MAIN:
-        part = summ[(summ["task"] == task) & (summ["metric"] == metric)]
-        for i, (label, g) in enumerate(part.groupby("label", sort=True)):
-            cells = {f"L{la}": _cell(r) for la in layers for _, r in g[g["layer"] == la].iterrows()}
-            rows.append({"metric": title if i == 0 else "", "method": label, **cells,
-                         "n": "/".join(str(int(n)) for n in g.sort_values("layer")["n_scored"])})
-    return _markdown(pd.DataFrame(rows).fillna(""))
+@block("concepts-table")
+def concepts_table() -> str:
+    """The concept-centric run: test-split means over concepts with bootstrap 95% CIs, per method and layer."""
+    return _table(CONCEPTS_RUN, MAIN)
 
 
-@block("default-paired")
-def default_paired() -> str:
+@block("concepts-paired")
+def concepts_paired() -> str:
     """Paired differences between methods on the main metrics of detection and steering."""
     from bench.report import paired
 
-    table = paired(_frame(DEFAULT_RUN))
+    table = paired(_frame(CONCEPTS_RUN))
     keep = {("detection", "auroc"), ("steering", "score"), ("steering", "concept")}
     table = table[[(t, m) in keep for t, m in zip(table["task"], table["metric"], strict=True)]]
     rows = [{"task: metric": f"{r.task}: {r.metric}", "layer": int(r.layer), "a − b": f"{r.a} − {r.b}",
@@ -153,7 +144,7 @@ def labels_table() -> str:
     whether a matched feature's input/output label names its concept (means over concepts)."""
     from bench.report import summary
 
-    summ = summary(_frame(DEFAULT_RUN))
+    summ = summary(_frame(CONCEPTS_RUN))
     summ = summ[summ["task"] == "labeling"]
     middle = _layers(summ)[len(_layers(summ)) // 2]
     names = {"label_accuracy": "label accuracy (features)", "label_f1": "label F1 (features)",
@@ -164,6 +155,153 @@ def labels_table() -> str:
         by = g.set_index("metric")
         rows.append({"method": label, **{title: _cell(by.loc[m]) for m, title in names.items() if m in by.index}})
     return f"Layer {middle}:\n\n" + _markdown(pd.DataFrame(rows))
+
+
+def _table(run: Path, rows_spec: list[tuple[str, str, str]]) -> str:
+    """Rows (metric title, method), columns layers: test-split means with bootstrap 95% CIs, and n per layer."""
+    from bench.report import summary
+
+    summ = summary(_frame(run))
+    layers = _layers(summ)
+    rows = []
+    for task, metric, title in rows_spec:
+        part = summ[(summ["task"] == task) & (summ["metric"] == metric)]
+        for i, (label, g) in enumerate(part.groupby("label", sort=True)):
+            cells = {f"L{la}": _cell(r) for la in layers for _, r in g[g["layer"] == la].iterrows()}
+            rows.append({"metric": title if i == 0 else "", "method": label, **cells,
+                         "n": "/".join(str(int(n)) for n in g.sort_values("layer")["n_scored"])})
+    return _markdown(pd.DataFrame(rows).fillna(""))
+
+
+FEATURE_MAIN = [  # (task, metric, row title) of the default (feature-centric) run's main table
+    ("feature_steering", "score", "steering score (mean of best input and output score, 0-2)"),
+    ("feature_steering", "best_input_score", "best input score (0-2)"),
+    ("feature_steering", "best_output_score", "best output score (0-2)"),
+    ("feature_detection", "s_cd_positive", "share of features with S_CD > 0"),
+    ("feature_labels", "labelled", "share of labels present"),
+]
+
+
+@block("default-table")
+def default_table() -> str:
+    """The default run: per method and layer, means over features with bootstrap 95% CIs."""
+    return _table(DEFAULT_RUN, FEATURE_MAIN)
+
+
+@block("default-kl")
+def default_kl() -> str:
+    """The default run's steering score per KL target (means over features and layers' rows)."""
+    from bench.feature_report import by_kl_target
+
+    t = by_kl_target(_frame(DEFAULT_RUN))
+    t = t.assign(side=t["metric"].str.replace("_score", ""), cell=[_cell(r) for _, r in t.iterrows()])
+    wide = t.pivot(index=["layer", "side", "label"], columns="kl_target", values="cell").fillna("")
+    wide.columns = [f"KL {c:g}" for c in wide.columns]
+    wide = wide.reset_index().rename(columns={"label": "method"})
+    return _markdown(wide)
+
+
+@block("default-paired")
+def default_paired() -> str:
+    """Comparisons between methods in the default run (two-sample: each method has its own features)."""
+    from bench.report import paired
+
+    table = paired(_frame(DEFAULT_RUN))
+    keep = {("feature_steering", "score"), ("feature_detection", "s_cd")}
+    table = table[[(t, m) in keep for t, m in zip(table["task"], table["metric"], strict=True)]]
+    rows = [{"task: metric": f"{r.task}: {r.metric}", "layer": int(r.layer), "a − b": f"{r.a} − {r.b}",
+             "features": f"{int(r.n)} vs {int(r.n_b)}",
+             "difference [95% CI]": f"{r.diff:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]",
+             "p": f"{r.p_value:.3f}" if r.p_value >= 0.001 else "< 0.001", "P(a > b)": f"{r.win_rate:.0%}"}
+            for r in table.itertuples()]
+    return _markdown(pd.DataFrame(rows))
+
+
+@block("default-labels")
+def default_labels() -> str:
+    """Example labels of the default run at its middle layer: the first three features of each method."""
+    from bench.feature_report import example_labels, labels_markdown
+
+    labels = example_labels([DEFAULT_RUN])
+    layers = sorted({int(x) for x in labels["layer"]})
+    return labels_markdown(labels[labels["layer"] == layers[len(layers) // 2]], per_method=3)
+
+
+def _runtime(run: Path) -> str:
+    import json
+
+    starts = json.loads((run / "env.json").read_text())["starts"]
+    rows = [{"start": s["started"], "status": s.get("status", ""), "wall": f"{s['seconds'] / 60:.1f} min",
+             "CPU time": f"{s['cpu_seconds'] / 60:.1f} min" if "cpu_seconds" in s else "n/a",
+             "load avg at start / end": (f"{s['load_avg_start'][0]:.1f} / {s['load_avg_end'][0]:.1f}"
+                                         if "load_avg_end" in s else "n/a"),
+             "cores": s.get("cpu_count", "n/a"), "commit": (s.get("featbench_commit") or "")[:7]}
+            for s in starts if "seconds" in s]
+    return _markdown(pd.DataFrame(rows))
+
+
+@block("default-runtime")
+def default_runtime() -> str:
+    """Wall and CPU time of each start of the default run (env.json)."""
+    return _runtime(DEFAULT_RUN)
+
+
+@block("concepts-runtime")
+def concepts_runtime() -> str:
+    """Wall and CPU time of each start of the concept-centric run (env.json)."""
+    return _runtime(CONCEPTS_RUN)
+
+
+@block("dim-sites")
+def dim_sites() -> str:
+    """DiM detection AUROC at the MLP hidden state (the concept run) and at the residual stream, paired."""
+    from bench.report import paired, summary
+
+    frame = _frame(CONCEPTS_RUN, DIM_RESID_RUN)
+    frame = frame[(frame["method"] == "dim") & (frame["task"] == "detection")]
+    summ = summary(frame)
+    summ = summ[summ["metric"] == "auroc"]
+    rows = [{"configuration": label, **{f"L{int(r.layer)}": _cell(pd.Series(r._asdict()))
+                                         for r in g.itertuples()}} for label, g in summ.groupby("label")]
+    table = paired(frame)
+    table = table[table["metric"] == "auroc"]
+    diffs = [{"layer": int(r.layer), "a − b": f"{r.a} − {r.b}", "n": int(r.n),
+              "difference [95% CI]": f"{r.diff:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]",
+              "p": f"{r.p_value:.3f}" if r.p_value >= 0.001 else "< 0.001"} for r in table.itertuples()]
+    return _markdown(pd.DataFrame(rows)) + "\n" + _markdown(pd.DataFrame(diffs))
+
+
+HIERARCHY = ROOT / "results" / "hierarchy"
+
+
+@block("hierarchy")
+def hierarchy_table() -> str:
+    """`bench analyze hierarchy --ks 10,20,50 --out results/hierarchy`: the committed coherence table."""
+    t = pd.read_csv(HIERARCHY / "hierarchy_coherence.csv")
+    return t.to_markdown(index=False, floatfmt=".3f") + "\n"
+
+
+PERF = ROOT / "results" / "perf"
+_IMPLS = {"featbench": "featbench `snmf`", "fb-mkl": "featbench `snmf`, dense product on torch's default kernel",
+          "plain": "the reference's structure, written plainly", "reference": "the paper's `factorization/seminmf.py`"}
+
+
+@block("perf-snmf")
+def perf_snmf() -> str:
+    """`bench perf snmf_speed ... --json results/perf/snmf_speed.json`: best of the repeats per implementation."""
+    import json
+
+    got = json.loads((PERF / "snmf_speed.json").read_text())
+    base = got["best"]["featbench"]
+    rows = [{"implementation": _IMPLS.get(impl, impl), "s / iteration": f"{r['s_per_iter']:.3f}",
+             "CPU s / iteration": f"{got['cpu_s_per_iter'][impl]:.3f}",
+             "× featbench": f"{r['s_per_iter'] / base['s_per_iter']:.1f}",
+             f"loss after {got['settings']['iters']} iterations": f"{r['loss']:,.0f}",
+             "peak RSS increase": f"{r['peak_bytes'] / 2**20:.0f} MiB"} for impl, r in got["best"].items()]
+    st = got["settings"]
+    head = (f"n = {got['n']:,} tokens, d = {got['d']:,}, k = {st['k']}, sparsity {st['sparsity']}, "
+            f"{st['threads'] or 'default'} thread(s), best of {st['repeats']}:\n\n")
+    return head + _markdown(pd.DataFrame(rows))
 
 
 @block("judge-validation")

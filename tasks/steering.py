@@ -6,18 +6,43 @@ Protocol, per (model, layer, method):
    matching as detection; DiM: its own row). The steering vector is `unit(direction) * alpha`, added at every
    position of the method's site with `bench.hooks.steer` around `generate()`.
 2. Candidate alphas per concept, by `calibration`:
-   - `factor` (axbench): `alpha = factor * mean_norm`, the mean L2 norm of the train activations at the site,
-     for each factor of `factors`.
+   - `factor` (axbench): `alpha = factor * scale`, for each factor of `factors`, with the concept's `scale`:
+     - `mean_norm` (the default): the mean L2 norm of the train activations at the steered site, the same for
+       every concept.
+     - `max_act` (axbench): the matched feature's maximal activation, `max_act * |direction|`: the largest
+       `method.encode` value of the feature over every token (BOS and padding out) of the test split of the
+       concept data, i.e. the concept's detection examples (positives, negatives, hard negatives), times the norm
+       of its direction (axbench adds `factor * max_act * direction` without normalising the direction; DiM and
+       Gemma Scope directions have unit norm). A maximum <= 0 becomes 50, as in axbench. Where the feature is
+       steered at another site than it is read (Gemma's mlp features, at `mlp_out`), the scale is carried over as
+       the same fraction of the site's mean train norm: `max_act * |direction| * mean_norm(steered) /
+       mean_norm(read)`.
    - `kl` (the paper): for each target of `kl_targets`, alpha found by geometric bisection so that the KL
      divergence KL(unsteered || steered) of the next-token distribution at the end of `n_kl_prompts` neutral
-     sentences (mean over sentences) hits the target.
+     sentences (mean over sentences) hits the target; its `factor` is `alpha / scale`.
 3. Dev: every candidate generates on `n_dev` dev instructions; the judge rates concept, instruction and fluency
-   (0-2 each) and the candidate with the best mean harmonic mean is chosen per concept (ties: the higher mean
-   concept rating, then the smaller alpha).
+   (0-2 each) and the candidate with the best mean harmonic mean is chosen per concept. Ties, by `ties`:
+   `concept` (the default) the higher mean concept rating, then the smaller alpha; `smallest` (axbench) the
+   smallest factor.
 4. Test: the chosen alpha and the unsteered reference (alpha = 0) generate on `n_test` test instructions and
    are rated. Records: `score` (mean harmonic mean), `concept`, `instruction`, `fluency`, the same with
    `_base` for alpha = 0, and `scored_fraction` (test split); `score`, `factor`, `alpha` (and `kl_target`)
-   of the choice (dev split). Every generation, prompt, alpha and judge answer goes to samples.jsonl.
+   of the choice, `scale` (alpha per unit factor) and with `scale = "max_act"` the feature's `max_act` (dev
+   split). Every generation, prompt, alpha, the scale's kind and judge answer goes to samples.jsonl.
+
+axbench (github.com/stanfordnlp/axbench, read at e9b8cd4): `max_act` per concept is the maximum over the concept's
+latent-evaluation rows of each row's maximal token activation, BOS excluded (axbench/models/model.py,
+`predict_latent` and `pre_compute_mean_activations`; the rows are the concept's positives, negatives and hard
+negatives, axbench/utils/dataset.py `create_eval_df`), 50 where it is <= 0; its GemmaScopeSAE takes Neuronpedia's
+`maxValue` of the feature instead unless `disable_neuronpedia_max_act` (axbench/models/sae.py), and featbench,
+offline, always takes the data's. Steering adds `max_act * factor * proj.weight[concept]` at every position
+(`AdditionIntervention`, axbench/models/interventions.py; DiffMean's weight is its unit-normalised direction,
+axbench/models/mean.py, GemmaScopeSAE's its decoder row, axbench/models/sae.py). The factor is chosen per concept
+and method as `np.argmax` of the mean judge score over the factors in ascending order, so ties go to the smallest
+factor (axbench/scripts/evaluate.py, `get_best_factors`; the scores per factor, axbench/evaluators/lm_judge.py).
+axbench rounds activations to 3 decimals before the maximum; featbench does not. `bench/configs/axbench-gemma2.toml`
+sets `scale = "max_act"` and `ties = "smallest"`; the defaults stay `mean_norm` and `concept`, with which the
+committed runs were made.
 
 Defaults are sized for the default CPU run (gemma-3-270m, 2 CPU cores; bench/configs/default.toml repeats them):
 12 concepts (a seeded sample of the 25), 2 dev and 4 test instructions, 24 new tokens sampled at temperature 0.7,
@@ -48,18 +73,22 @@ import torch
 from torch import Tensor
 
 from bench import Context, FeatureMethod, Score, register_task
-from bench.features import match_concepts, mean_norm, steering_target
+from bench.features import match_concepts, max_activations, mean_norm, steering_target
 from bench.hooks import steer
 from bench.judge import Item, Ratings
 from bench.sites import Site
 
 log = logging.getLogger(__name__)
 CALIBRATIONS = ("factor", "kl")
+SCALES = ("mean_norm", "max_act")  # alpha per unit factor: the site's mean train norm | the feature's max activation
+TIES = ("concept", "smallest")  # among the best dev scores: higher concept rating, then smaller alpha | smallest factor
+MAX_ACT_SPLIT = "test"  # the concept data split max_act is taken over: axbench's latent-evaluation examples
+MAX_ACT_FALLBACK = 50.0  # axbench's max_act for a feature whose maximum is <= 0
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One steering strength for a concept: `alpha` in site units, `factor = alpha / mean_norm`."""
+    """One steering strength for a concept: `alpha` in site units, `factor = alpha / scale` (the concept's scale)."""
 
     alpha: float
     factor: float
@@ -70,11 +99,16 @@ class Candidate:
 @register_task("steering")
 @dataclass
 class Steering:
-    """Steer with each concept's matched feature; judge concept, instruction and fluency (axbench protocol)."""
+    """Steer with each concept's matched feature; judge concept, instruction and fluency (axbench protocol).
 
-    calibration: str = "factor"  # factor (axbench: alpha = factor x mean norm) | kl (alpha hits a KL target)
-    # multiples of the mean activation norm at the site, log-spaced from weak to strong (see the module docstring)
+    The defaults (`scale = "mean_norm"`, `ties = "concept"`) are featbench's; axbench's own choices are
+    `scale = "max_act"` and `ties = "smallest"`, which `bench/configs/axbench-gemma2.toml` sets (module docstring)."""
+
+    calibration: str = "factor"  # factor (axbench: alpha = factor x scale) | kl (alpha hits a KL target)
+    # multiples of the scale, log-spaced from weak to strong (see the module docstring)
     factors: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
+    scale: str = "mean_norm"  # mean_norm (mean L2 norm at the site) | max_act (axbench: the feature's max activation)
+    ties: str = "concept"  # dev-score ties: concept (higher concept rating, smaller alpha) | smallest (axbench)
     kl_targets: tuple[float, ...] = (0.5, 1.0, 2.0)  # nats, next-token KL on neutral sentences
     concepts: tuple[str, ...] = ()  # concepts to steer (empty: a seeded sample of max_concepts)
     max_concepts: int = 12  # 0 = every concept
@@ -93,6 +127,10 @@ class Steering:
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"unknown steering.calibration {self.calibration!r}; valid: {', '.join(CALIBRATIONS)}")
+        if self.scale not in SCALES:
+            raise ValueError(f"unknown steering.scale {self.scale!r}; valid: {', '.join(SCALES)}")
+        if self.ties not in TIES:
+            raise ValueError(f"unknown steering.ties {self.ties!r}; valid: {', '.join(TIES)}")
         for name in ("factors", "kl_targets"):  # CLI values arrive as strings, TOML ones as lists
             try:
                 setattr(self, name, tuple(float(v) for v in getattr(self, name)))
@@ -137,7 +175,8 @@ class Steering:
         site, units = steering_target(ctx.model, method.site, method.directions_[features])
         unit = dict(zip(concepts, units, strict=True))  # concept -> unit vector [d_target] added at `site`
         norm = mean_norm(ctx.acts("train", site))
-        cands = self._candidates(ctx, site, unit, norm)
+        scales, max_acts = self._scales(method, ctx, concepts, features, site, norm)
+        cands = self._candidates(ctx, site, unit, norm, scales)
         gen = _Generator(self, ctx, site, units.shape[1])
 
         def judged(jobs: list[tuple[str, Candidate, str]], prompts: list[str], outputs: list[str], split: str,
@@ -146,7 +185,8 @@ class Steering:
             ratings = ctx.judge.rate(items, ctx)
             return [{"concept": c, "feature": matches[c].feature, "split": split, "instruction": instr,
                      "prompt": prompt, "alpha": cand.alpha, "factor": cand.factor, "kl_target": cand.kl_target,
-                     "kl": cand.kl, "output": out, "judge": ctx.judge.name, "ratings": _ratings(r), "score": r.score,
+                     "kl": cand.kl, "scale": self.scale, "max_act": max_acts[c], "output": out,
+                     "judge": ctx.judge.name, "ratings": _ratings(r), "score": r.score,
                      "answers": dict(r.answers), "chosen": chosen}
                     for (c, cand, instr), prompt, out, r in zip(jobs, prompts, outputs, ratings, strict=True)]
 
@@ -157,7 +197,8 @@ class Steering:
             return judged(jobs, prompts, outputs, split, chosen)
 
         dev_rows = steered([(c, cand, i) for c in concepts for cand in cands[c] for i in dev], "dev", ctx.seed, None)
-        chosen = {c: self._choose(cands[c], [r for r in dev_rows if r["concept"] == c]) for c in concepts}
+        chosen = {c: self._choose(cands[c], [r for r in dev_rows if r["concept"] == c], self.ties)
+                  for c in concepts}
         for r in dev_rows:
             r["chosen"] = r["alpha"] == chosen[r["concept"]].alpha
         test_rows = steered([(c, chosen[c], i) for c in concepts for i in test], "test", ctx.seed + 1, True)
@@ -176,6 +217,9 @@ class Steering:
                         concept=c, split="dev", feature=f)
             yield Score("factor", pick.factor, concept=c, split="dev", feature=f)
             yield Score("alpha", pick.alpha, concept=c, split="dev", feature=f)
+            yield Score("scale", scales[c], concept=c, split="dev", feature=f)
+            if max_acts[c] is not None:
+                yield Score("max_act", max_acts[c], concept=c, split="dev", feature=f)
             if pick.kl_target is not None:
                 yield Score("kl_target", pick.kl_target, concept=c, split="dev", feature=f)
             for cand in cands[c]:  # the dev sweep, for trade-off curves
@@ -222,10 +266,33 @@ class Steering:
             out.append(sorted(random.Random(ctx.seed).sample(texts, n)))
         return out[0], out[1]
 
-    def _candidates(self, ctx: Context, site: Site, unit: dict[str, Tensor],
-                    norm: float) -> dict[str, list[Candidate]]:
+    def _scales(self, method: FeatureMethod, ctx: Context, concepts: list[str], features: list[int], site: Site,
+                norm: float) -> tuple[dict[str, float], dict[str, float | None]]:
+        """Per concept: (alpha per unit factor, the feature's max_act or None). `features` are the concepts'
+        matched features, `site` where they are steered, `norm` the mean train norm there (module docstring)."""
+        if self.scale == "mean_norm":
+            return {c: norm for c in concepts}, {c: None for c in concepts}
+        peaks = max_activations(method, ctx.acts(MAX_ACT_SPLIT, method.site), features)  # [c]
+        lengths = method.directions_[features].float().norm(dim=-1).cpu()  # [c]
+        carry = 1.0 if site == method.site else norm / mean_norm(ctx.acts("train", method.site))
+        scales: dict[str, float] = {}
+        max_acts: dict[str, float | None] = {}
+        for c, f, peak, length in zip(concepts, features, peaks.tolist(), lengths.tolist(), strict=True):
+            if not peak > 0:
+                log.warning("steering: feature %d of concept %s has max_act %.3g <= 0 on the %s split; using %g, "
+                            "as axbench does", f, c, peak, MAX_ACT_SPLIT, MAX_ACT_FALLBACK)
+                peak = MAX_ACT_FALLBACK
+            max_acts[c] = peak
+            scales[c] = peak * length * carry
+        return scales, max_acts
+
+    def _candidates(self, ctx: Context, site: Site, unit: dict[str, Tensor], norm: float,
+                    scales: dict[str, float] | None = None) -> dict[str, list[Candidate]]:
+        """Per concept, the candidates in increasing strength; `scales` (default: `norm` for all) is alpha per unit
+        factor, `norm` the mean train norm at `site` (the KL bisection's bracket)."""
+        scales = scales or {c: norm for c in unit}
         if self.calibration == "factor":
-            return {c: [Candidate(f * norm, f) for f in sorted(self.factors)] for c in unit}
+            return {c: [Candidate(f * scales[c], f) for f in sorted(self.factors)] for c in unit}
         from bench.data import load_lines
 
         prompts = load_lines(None, "neutral.jsonl")["text"].tolist()[: self.n_kl_prompts]
@@ -233,24 +300,30 @@ class Steering:
         targets = sorted(self.kl_targets)
         alphas, kls = kl_alphas(ctx.model, ctx.tokenizer, site, dirs, targets, prompts, norm,
                                 self.batch_size, ctx.device)  # [c, k]
-        return {c: [Candidate(float(alphas[i, k]), float(alphas[i, k]) / norm, t, float(kls[i, k]))
+        return {c: [Candidate(float(alphas[i, k]), float(alphas[i, k]) / scales[c], t, float(kls[i, k]))
                     for k, t in enumerate(targets)] for i, c in enumerate(unit)}
 
     @staticmethod
-    def _choose(cands: list[Candidate], rows: list[dict[str, Any]]) -> Candidate:
+    def _choose(cands: list[Candidate], rows: list[dict[str, Any]], ties: str = "concept") -> Candidate:
         """The candidate with the best mean dev score (unscored items ignored). Ties, common when every candidate
-        scores 0 on a small model, go to the higher mean concept rating, then to the smaller alpha."""
+        scores 0 on a small model, go by `ties`: `concept`, the higher mean concept rating, then the smaller alpha;
+        `smallest` (axbench's argmax over factors in ascending order), the smallest factor."""
 
         def key(cand: Candidate) -> tuple[float, float, float]:
             mine = [r for r in rows if r["alpha"] == cand.alpha]
             score = _mean([r["score"] for r in mine])
+            if ties == "smallest":
+                return (-math.inf if score is None else score, -cand.factor, -cand.alpha)
             concept = _mean([r["ratings"]["concept"] for r in mine])
             return (-math.inf if score is None else score, -math.inf if concept is None else concept, -cand.alpha)
 
+        if ties not in TIES:
+            raise ValueError(f"unknown steering.ties {ties!r}; valid: {', '.join(TIES)}")
         best = max(cands, key=key)
         if key(best)[0] == -math.inf:
-            log.warning("steering: no dev generation of concept %s was scored; choosing by concept rating and alpha",
-                        rows[0]["concept"] if rows else "?")
+            log.warning("steering: no dev generation of concept %s was scored; choosing %s",
+                        rows[0]["concept"] if rows else "?",
+                        "the smallest factor" if ties == "smallest" else "by concept rating and alpha")
         return best
 
 

@@ -1,18 +1,22 @@
-"""`bench report --browser`: the static feature browser of a small run, its data files, and (when Chromium is
+"""`bench report --browser`: the static feature browser of small runs (the concept-centric tasks, and the paper's
+feature-centric ones), its templates as package data, its data files, HTML escaping, and (when Chromium is
 installed: `apt-get install -y chromium`) the rendered page in headless Chromium."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
 import subprocess
+import tomllib
+from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import pytest
+from markupsafe import escape
 
-from bench.browser import write_browser
+from bench.browser import environment, write_browser
 from bench.cli import main
 from bench.results import read_jsonl
 from tests.conftest import FIXTURE_CONCEPTS
@@ -36,8 +40,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _chunks(folder: Path) -> dict[str, dict[str, Any]]:
-    """Feature details of every data/*.js file: {file stem: {feature: details}}."""
+def _chunks(folder: Path) -> dict[str, dict[str, str]]:
+    """Feature detail panes of every data/*.js file: {file stem: {feature: HTML}}."""
     out = {}
     for p in sorted((folder / "data").glob("*.js")):
         m = re.fullmatch(r'FB\.add\("([^"]+)",(\d+),(.*)\);\n', p.read_text(encoding="utf-8"), re.DOTALL)
@@ -66,13 +70,18 @@ def test_report_browser_writes_linked_pages_with_everything_in_the_run(run_dir: 
             assert r["label"] in page
     details = _chunks(site)["tiny_llama-L1-snmf-0"]
     assert {int(f) for f in details} >= {r["feature"] for r in rows}
-    steered = [d for d in details.values() if d.get("steering")]
+    for r in rows:
+        pane = details[str(r["feature"])]
+        assert f"<h2>Feature {r['feature']}" in pane
+        if r["label"]:
+            assert str(escape(r["label"])) in pane
+    steered = [p for p in details.values() if "Steering toward" in p]
     assert steered, "matched features carry their steering samples"
-    pair = steered[0]["steering"][0]["pairs"][0]
-    assert steered[0]["steering"][0]["alpha"] > 0 and pair["instruction"] and "base" in pair and "steered" in pair
-    top = next(d for d in details.values() if d.get("top"))
-    assert top["top"][0]["tokens"] and len(top["top"][0]["acts"]) == len(top["top"][0]["tokens"])
-    assert top["promoted"] and top["suppressed"]
+    assert "unsteered (alpha 0)" in steered[0] and re.search(r"at alpha (\d+\.\d+)", steered[0])
+    assert float(re.search(r"at alpha (\d+\.\d+)", steered[0]).group(1)) > 0
+    top = next(p for p in details.values() if "contexts (darker = more active)" in p)
+    assert 'class="t' in top and 'style="background: rgba(255, 120, 0' in top, "activating tokens are highlighted"
+    assert "Output side: tokens the direction promotes" in top and "… and suppresses" in top
 
 
 def test_browser_splits_details_into_chunks(run_dir: Path, tmp_path: Path) -> None:
@@ -115,3 +124,123 @@ def test_browser_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> 
     assert shot.exists() and shot.stat().st_size > 20_000
     index = _chromium((site / "index.html").as_uri(), tmp_path, "--dump-dom")
     assert "featbench feature browser" in index and "tiny_llama-L0-snmf.html" in index
+
+
+# ------------------------------------------------------------------------------------------ feature-centric tasks
+@pytest.fixture(scope="module")
+def fc_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run of the paper's feature-centric tasks (labels, steering at two KL targets, one out of reach, and
+    detection) for dim and snmf, judged by the fake judge."""
+    out = tmp_path_factory.mktemp("fc") / "r"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEATBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+        assert main(["run", "--models", "tiny:gpt2", "--layers", "1", "--methods", "dim,snmf", "--tasks",
+                     "feature_labels,feature_steering,feature_detection", "-M", "snmf.n_features=4",
+                     "-M", "snmf.max_iter=20", "-T", "feature_labels.max_features=2",
+                     "-T", "feature_steering.max_features=2", "-T", "feature_detection.max_features=2",
+                     "-T", "feature_steering.kl_targets=0.002,50.0", "-T", "feature_steering.kl_tolerance=0.001",
+                     "-T", "feature_steering.n_samples=1", "-T", "feature_steering.max_new_tokens=4",
+                     "--concepts", str(FIXTURE_CONCEPTS), "--judge", "fake", "--out", str(out)]) == 0
+    return out
+
+
+def _kind(run: Path, kind: str, method: str = "snmf") -> list[dict]:
+    return [r for r in read_jsonl(run / "samples.jsonl") if r.get("kind") == kind and r["method"] == method]
+
+
+def test_feature_centric_pages_show_labels_steering_and_detection(fc_run: Path) -> None:
+    assert main(["report", str(fc_run), "--browser"]) == 0
+    site = fc_run / "browser"
+    index = (site / "index.html").read_text(encoding="utf-8")
+    assert "labels present" in index and "steering score" in index and "S_CD &gt; 0" in index
+    page = (site / "tiny_gpt2-L1-snmf.html").read_text(encoding="utf-8")
+    assert ">steer</th>" in page and ">S_CD</th>" in page and ">acc</th>" not in page, "feature-centric columns only"
+    panes = _chunks(site)["tiny_gpt2-L1-snmf-0"]
+    labels = _kind(fc_run, "feature_label")
+    assert labels and {str(r["feature"]) for r in labels} <= set(panes)
+    for r in labels:
+        pane, f = panes[str(r["feature"])], r["feature"]
+        assert f'data-f="{f}"' in page
+        for tag, key in (("input label", "input_label"), ("output label +", "output_label_pos"),
+                         ("output label −", "output_label_neg")):
+            shown = re.search(f'<span class="tag">{re.escape(tag)}</span>(.*?)</p>', pane).group(1)
+            assert shown == (str(escape(r[key])) if r[key] else '<span class="unlabelled">unlabelled</span>')
+        top = r["top_tokens"][0]
+        assert f"Top {len(r['top_tokens'])} activating tokens" in pane and str(escape(top["context"][:5])) in pane
+        assert f"{top['activation']:.3f}" in pane and "<mark" in pane
+        assert "the vocabulary the direction promotes (+)" in pane and "suppresses (−)" in pane
+        assert str(escape(json.dumps(r["vocab_pos"][0][0], ensure_ascii=False))) in pane
+    for r in _kind(fc_run, "feature_steering"):
+        pane = panes[str(r["feature"])]
+        sign = "+" if r["sign"] > 0 else "−"
+        block = pane[pane.index(f"<h3>Steering {sign}alpha"):]
+        assert f"KL target {r['kl_target']} · alpha {r['alpha']:.2f} · reached KL {r['kl']:.4f}" in block
+        assert str(escape(r["continuation"])) in block and str(escape(r["prompt"])) in block
+        assert "KL target 50.0 · <span class=\"bad\">not reached</span>" in block, "the unreached target is shown"
+        assert "fluency" in block and "judge answers" in block
+    for r in _kind(fc_run, "feature_detection"):
+        pane = panes[str(r["feature"])]
+        head = f"Concept detection: S_CD {r['s_cd']:.3f}" if r["s_cd"] is not None else "Concept detection: S_CD –"
+        assert head in pane
+        for mode in ("activating", "neutral"):
+            for text, cos in zip(r[f"{mode}_sentences"], r[f"{mode}_cosine"], strict=True):
+                assert f"<tr><td>{escape(text)}</td><td class=\"n\">{cos:.3f}</td>" in pane
+
+
+def test_feature_pages_escape_html_and_mark_unlabelled(fc_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    shutil.copytree(fc_run, run, ignore=shutil.ignore_patterns("browser"))
+    evil = "<script>alert('x')</script>"
+    rows = list(read_jsonl(run / "samples.jsonl"))
+    first = {}
+    for r in rows:
+        if r["method"] != "snmf" or r.get("kind") not in ("feature_label", "feature_steering", "feature_detection"):
+            continue
+        if first.setdefault(r["kind"], r) is not r:
+            continue
+        if r["kind"] == "feature_label":
+            r["input_label"], r["output_label_neg"] = None, evil
+            r["top_tokens"][0]["context"] = evil + " " + r["top_tokens"][0]["context"]
+        elif r["kind"] == "feature_steering":
+            r["continuation"] = evil
+        else:
+            r["activating_sentences"][0] = evil
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_browser([run], run / "browser")
+    panes = _chunks(run / "browser")["tiny_gpt2-L1-snmf-0"]
+    joined = "".join(panes.values()) + (run / "browser" / "tiny_gpt2-L1-snmf.html").read_text(encoding="utf-8")
+    assert "<script>alert" not in joined
+    safe = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"
+    for r in first.values():
+        assert safe in panes[str(r["feature"])], r["kind"]
+    label_pane = panes[str(first["feature_label"]["feature"])]
+    assert '<span class="tag">input label</span><span class="unlabelled">unlabelled</span>' in label_pane
+    page = (run / "browser" / "tiny_gpt2-L1-snmf.html").read_text(encoding="utf-8")
+    assert '<td class="label">unlabelled</td>' in page
+
+
+def test_templates_are_package_data() -> None:
+    """Every template and static file is matched by pyproject's package-data, so a non-editable install ships it,
+    and the browser's jinja2 environment (autoescaping) finds the templates through the package."""
+    root = Path(__file__).parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["bench"]
+    files = [p.relative_to(root / "bench").as_posix() for p in (root / "bench" / "templates").iterdir()
+             if p.is_file()]
+    assert {"templates/browser.css", "templates/browser.js"} <= set(files)
+    for name in files:
+        assert any(fnmatch.fnmatch(name, pat) for pat in patterns), f"{name} is not package data"
+    env = environment()
+    assert {"base.html.j2", "index.html.j2", "unit.html.j2", "feature.html.j2"} <= set(env.list_templates())
+    assert "&lt;b&gt;" in env.get_template("base.html.j2").render(title="<b>")
+    assert resources.files("bench").joinpath("templates", "browser.js").read_text("utf-8").startswith('"use strict"')
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install -y chromium)")
+def test_feature_centric_page_renders_in_headless_chromium(fc_run: Path, tmp_path: Path) -> None:
+    site = tmp_path / "b"
+    write_browser([fc_run], site)
+    r = _kind(fc_run, "feature_steering")[0]
+    dom = _chromium(f"{(site / 'tiny_gpt2-L1-snmf.html').as_uri()}#f={r['feature']}", tmp_path, "--dump-dom")
+    text = re.sub(r"<[^>]+>", " ", dom)
+    assert f"Feature {r['feature']}" in text and "activating tokens (input side)" in text
+    assert "Steering +alpha" in text and "Steering −alpha" in text and "Concept detection: S_CD" in text

@@ -1,4 +1,5 @@
-"""The committed records of the embedded default run regenerate every figure, and what the figures plot is what
+"""The committed records of the concept-centric run on the default model (`bench run --preset concepts`) regenerate
+every figure, and what the figures plot is what
 the records say: the points of each figure are recomputed here directly from records.jsonl with pandas (not
 through bench.report), so a figure that drifts from its records fails, whatever the tables look like."""
 
@@ -15,7 +16,7 @@ import pytest
 from bench.cli import main
 from bench.results import load
 
-PAPER = Path(__file__).parent.parent / "results" / "paper"
+PAPER = Path(__file__).parent.parent / "results" / "concepts"
 CORE = ("detection_auroc_by_layer", "steering_score_by_layer", "steering_tradeoff")  # figures the records must feed
 
 
@@ -54,14 +55,14 @@ def _assert_same_points(got: list[tuple[float, float]], expected: list[tuple[flo
 
 @pytest.fixture(scope="module")
 def frame() -> pd.DataFrame:
-    assert (PAPER / "records.jsonl").exists(), "results/paper/records.jsonl is committed"
+    assert (PAPER / "records.jsonl").exists(), "results/concepts/records.jsonl is committed"
     return load([PAPER])
 
 
 def test_committed_records_regenerate_every_figure(tmp_path: Path) -> None:
     from bench.report import FIGURES
 
-    assert not (PAPER / "samples.jsonl").exists(), "results/paper/ holds records only (no samples)"
+    assert not (PAPER / "samples.jsonl").exists(), "results/concepts/ holds records only (no samples)"
     out = tmp_path / "figures"
     assert main(["report", str(PAPER), "--figures", str(out), "--out", str(tmp_path)]) == 0
     made = {p.stem for p in out.glob("*.png")}

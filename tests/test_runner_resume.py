@@ -105,8 +105,9 @@ def test_env_json_keeps_one_entry_per_start(tmp_path: Path) -> None:
     assert [s["resume"] for s in starts] == [False, True] and [s["units"] for s in starts] == [2, 1]
     for s in starts:
         assert {"featbench_commit", "dirty", "started", "ended", "seconds", "host", "pid", "device", "versions",
-                "models", "status"} <= set(s)
+                "models", "status", "cpu_seconds", "cpu_count", "load_avg_start", "load_avg_end"} <= set(s)
         assert s["status"] == "finished" and s["ended"] >= s["started"] and 0 < s["seconds"] < 600
+        assert s["cpu_seconds"] > 0 and len(s["load_avg_start"]) == len(s["load_avg_end"]) == 3
         assert s["models"]["tiny:gpt2"]["revision"].startswith("tiny-")
     assert starts[0]["started"] <= starts[1]["started"]
 

@@ -1,5 +1,6 @@
 """The steering task end to end on tiny models: records and samples, the judge cache on a rerun, per-row
-steering in one batch, the KL calibration, faults of an OpenAI-compatible judge, and API keys kept out of outputs."""
+steering in one batch, the KL calibration, axbench's max_act scale and smallest-factor ties, faults of an
+OpenAI-compatible judge, and API keys kept out of outputs."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from bench.judge import ASPECTS, fake_answer, load_template, parse_rating
 from bench.results import read_jsonl
 from bench.sites import Site
 from methods.dim import DiffInMeans
-from tasks.steering import Steering, _Generator, kl_alphas, last_logprobs
+from tasks.steering import MAX_ACT_FALLBACK, Candidate, Steering, _Generator, kl_alphas, last_logprobs
 from tests.conftest import FIXTURE_CONCEPTS, planted_acts
 from tests.fake_openai_server import FakeOpenAIServer
 
@@ -68,8 +69,13 @@ def test_steering_records_samples_and_a_rerun_without_judge_calls(tmp_path: Path
     assert len(concepts) == 3 and {r["judge"] for r in recs} == {"fake"}
     test_metrics = {r["metric"] for r in recs if r["split"] == "test"}
     assert test_metrics == STEER_METRICS | {f"{m}_base" for m in STEER_METRICS} | {"scored_fraction"}
-    assert {r["metric"] for r in recs if r["split"] == "dev"} == {"score", "factor", "alpha", "sweep_score",
+    assert {r["metric"] for r in recs if r["split"] == "dev"} == {"score", "factor", "alpha", "scale", "sweep_score",
                                                                   "sweep_concept", "sweep_instruction", "sweep_fluency"}
+    by = {(r["concept"], r["metric"]): r["value"] for r in recs if r["split"] == "dev"}
+    scales = {by[(c, "scale")] for c in concepts}
+    assert len(scales) == 1, "mean_norm (the default): one scale, the site's mean norm, for every concept"
+    for c in concepts:
+        assert by[(c, "alpha")] == pytest.approx(by[(c, "factor")] * by[(c, "scale")])
     assert {r["factor"] for r in recs if r["metric"] == "sweep_score"} == {1.0, 4.0}  # the -T factors
     assert all(r["feature"] == concepts.index(r["concept"]) for r in recs), "DiM steers each concept's own row"
     factors = {r["value"] for r in recs if r["metric"] == "factor"}
@@ -81,6 +87,7 @@ def test_steering_records_samples_and_a_rerun_without_judge_calls(tmp_path: Path
         assert s["instruction"] in s["prompt"] and s["judge"] == "fake" and set(s["answers"]) == set(ASPECTS)
         assert all(parse_rating(s["answers"][a]) == s["ratings"][a] for a in ASPECTS)
     assert sum(s["alpha"] == 0 for s in samples) == 3 * 2
+    assert {s["scale"] for s in samples} == {"mean_norm"} and {s["max_act"] for s in samples} == {None}
     assert first.calls > 0 and first.cache.misses > 0
 
     (second,) = _run(tmp_path / "b", monkeypatch)
@@ -232,6 +239,10 @@ def test_bad_options_name_the_valid_values() -> None:
         Steering(calibration="kll")
     with pytest.raises(ValueError, match="steering.factors must be positive"):
         Steering(factors=(0.0, 1.0))
+    with pytest.raises(ValueError, match="unknown steering.scale 'maxact'; valid: mean_norm, max_act"):
+        Steering(scale="maxact")
+    with pytest.raises(ValueError, match="unknown steering.ties 'first'; valid: concept, smallest"):
+        Steering(ties="first")
     with pytest.raises(ValueError, match="steering.n_test must be at least 1"):
         Steering(n_test=0)
     ctx = SimpleNamespace(concepts=SimpleNamespace(concepts=["a", "b"]), seed=0, instructions=None)
@@ -244,6 +255,153 @@ def test_bad_options_name_the_valid_values() -> None:
         "steering_generations": 24.0, "steering_new_tokens": 240.0, "steering_judge_items": 3.0 * 3 * (2 * 2 + 2 * 3)}
     default = Steering(max_concepts=0)
     assert default.cost(5, 40)["steering_generations"] == 5 * (len(default.factors) * 2 + 4) + 4  # every concept
+
+
+# ----------------------------------------------------------------------------------------------- axbench scale
+def test_defaults_stay_mean_norm_and_concept_ties() -> None:
+    """The committed runs were made with these; axbench's preset sets its own (test_axbench_preset_...)."""
+    task = Steering()
+    assert (task.scale, task.ties) == ("mean_norm", "concept")
+    scales, max_acts = task._scales(None, None, ["a", "b"], [0, 1], Site(0, "resid"), 3.5)  # type: ignore[arg-type]
+    assert scales == {"a": 3.5, "b": 3.5} and max_acts == {"a": None, "b": None}
+    cands = task._candidates(None, Site(0, "resid"), {"a": torch.ones(2)}, 3.5, scales)  # type: ignore[arg-type]
+    assert [(c.alpha, c.factor) for c in cands["a"]] == [(f * 3.5, f) for f in sorted(task.factors)]
+
+
+def test_axbench_preset_scales_by_max_act_and_breaks_ties_to_the_smallest_factor() -> None:
+    from bench.config import RunConfig, shipped_config
+
+    steering = RunConfig.load(shipped_config("axbench-gemma2")).task["steering"]
+    assert (steering["scale"], steering["ties"]) == ("max_act", "smallest")
+
+
+def _token_acts(model: Any, tok: Any, text: str, site: Site) -> torch.Tensor:
+    """By hand: the activations [t, d] at `site` of `text` run alone, BOS first, special tokens dropped."""
+    from bench.hooks import read
+
+    ids = tok(text)["input_ids"]
+    if ids[0] != tok.bos_token_id:
+        ids = [tok.bos_token_id, *ids]
+    h = read(model, {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)},
+             [site])[site][0]
+    keep = torch.tensor([i not in tok.all_special_ids for i in ids])
+    return h[keep].float()
+
+
+def test_max_act_is_the_features_largest_activation_over_the_test_split_tokens() -> None:
+    """axbench's max_act: the largest latent value of the feature over every token (BOS out) of the concept's
+    evaluation examples, here the test split; the scale multiplies it by the direction's norm (axbench adds
+    factor * max_act * direction unnormalised). Checked against a per-text, per-token hand computation."""
+    from bench.activations import Activations, collect
+    from bench.data import ConceptData
+    from bench.models import load
+
+    model, tok, _ = load("tiny:llama")
+    site = Site(0, "resid")
+    data = ConceptData.load(FIXTURE_CONCEPTS)
+    split_acts: dict[str, Activations] = {}
+
+    def acts(split: str, s: Site) -> Activations:
+        assert s == site
+        if split not in split_acts:
+            part = data.split(split)
+            got = collect(model, tok, part.texts, [s], batch_size=8)[s]
+            split_acts[split] = Activations(site=s, model_id="tiny:llama", texts=part.texts, **got).with_labels(
+                part.labels(), data.concepts)
+        return split_acts[split]
+
+    method = DiffInMeans(site=site, normalize=False).fit(acts("train", site))  # directions of norm != 1
+    ctx = SimpleNamespace(acts=acts)
+    concepts = data.concepts
+    features = list(range(len(concepts)))
+    task = Steering(scale="max_act")
+    scales, max_acts = task._scales(method, ctx, concepts, features, site, 1.0)  # type: ignore[arg-type]
+    tokens = torch.cat([_token_acts(model, tok, t, site) for t in data.split("test").texts])  # [n_tokens, d]
+    for c, f in zip(concepts, features, strict=True):
+        d = method.directions_[f].float()
+        hand = float((tokens @ d).max())  # DiM's latent value: the projection on its direction
+        assert hand > 0, "a positive maximum, or the test checks only the fallback"
+        assert max_acts[c] == pytest.approx(hand, rel=1e-4, abs=1e-5)
+        assert scales[c] == pytest.approx(hand * float(d.norm()), rel=1e-4)
+        assert abs(float(d.norm()) - 1) > 0.01, "the direction's norm must matter for the test to mean something"
+    cands = task._candidates(ctx, site, {c: torch.ones(3) for c in concepts}, 1.0, scales)  # type: ignore[arg-type]
+    for c in concepts:
+        assert [(x.alpha, x.factor) for x in cands[c]] == [(f * scales[c], f) for f in sorted(task.factors)]
+
+
+def test_max_act_falls_back_to_50_and_carries_to_another_steering_site() -> None:
+    acts = planted_acts()
+    method = DiffInMeans(site=Site(0, "resid")).fit(acts)
+    ctx = SimpleNamespace(acts=lambda split, site: acts)
+    task = Steering(scale="max_act")
+    peak = float((acts.x @ method.directions_[1]).max())
+    # steered at another site (Gemma's mlp features at mlp_out): the same fraction of that site's mean norm
+    scales, max_acts = task._scales(method, ctx, ["c1"], [1], Site(0, "mlp_out"), 7.0)  # type: ignore[arg-type]
+    mean = float(acts.x.norm(dim=-1).mean())
+    assert max_acts["c1"] == pytest.approx(peak) and scales["c1"] == pytest.approx(peak * 7.0 / mean, rel=1e-5)
+    never = SimpleNamespace(site=Site(0, "resid"), directions_=2 * torch.eye(3, acts.x.shape[1]),
+                            encode=lambda x: -torch.ones(len(x), 3))
+    scales, max_acts = task._scales(never, ctx, ["a"], [2], Site(0, "resid"), 7.0)  # type: ignore[arg-type]
+    assert max_acts == {"a": MAX_ACT_FALLBACK} and scales == {"a": 2 * MAX_ACT_FALLBACK}
+
+
+def _dev_rows(scores: dict[float, tuple[float | None, float | None]]) -> list[dict[str, Any]]:
+    """Dev rows of one concept: alpha -> (harmonic-mean score, concept rating), two instructions each."""
+    return [{"concept": "a", "alpha": a, "score": s, "ratings": {"concept": c}} for a, (s, c) in scores.items()
+            for _ in range(2)]
+
+
+def test_ties_go_to_the_smallest_factor_under_smallest_and_to_the_concept_rating_by_default() -> None:
+    cands = [Candidate(0.4, 0.2), Candidate(1.6, 0.8), Candidate(4.0, 2.0), Candidate(10.0, 5.0)]
+    rows = _dev_rows({0.4: (0.5, 0.2), 1.6: (1.0, 0.5), 4.0: (1.0, 1.5), 10.0: (0.2, 2.0)})
+    assert Steering._choose(cands, rows, "smallest").factor == 0.8, "the smallest factor among the best scores"
+    assert Steering._choose(cands, rows, "concept").factor == 2.0, "the higher concept rating among them"
+    assert Steering._choose(cands, rows).factor == 2.0, "concept is the default"
+    unscored = _dev_rows({0.4: (None, 0.0), 1.6: (None, 1.0), 4.0: (None, 2.0), 10.0: (None, 2.0)})
+    assert Steering._choose(cands, unscored, "smallest").factor == 0.2
+    assert Steering._choose(cands, unscored, "concept").factor == 2.0
+    with pytest.raises(ValueError, match="unknown steering.ties 'first'; valid: concept, smallest"):
+        Steering._choose(cands, rows, "first")
+
+
+def test_max_act_and_smallest_ties_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _run(tmp_path / "ax", monkeypatch, "-T", "steering.scale=max_act", "-T", "steering.ties=smallest")
+    recs = _records(tmp_path / "ax")
+    concepts = sorted({r["concept"] for r in recs})
+    by = {(r["concept"], r["metric"]): r["value"] for r in recs if r["split"] == "dev"}
+    samples = [s for s in read_jsonl(tmp_path / "ax" / "samples.jsonl") if s["kind"] == "steering"]
+    assert {s["scale"] for s in samples} == {"max_act"}
+    for c in concepts:
+        # DiM's directions have unit norm and gpt2 steers them where they are read: scale = max_act
+        assert by[(c, "max_act")] > 0 and by[(c, "scale")] == pytest.approx(by[(c, "max_act")])
+        assert by[(c, "alpha")] == pytest.approx(by[(c, "factor")] * by[(c, "max_act")])
+        dev = [s for s in samples if s["concept"] == c and s["split"] == "dev"]
+        assert {s["max_act"] for s in dev} == {by[(c, "max_act")]}
+        means = {}
+        for f in sorted({s["factor"] for s in dev}):
+            scored = [s["score"] for s in dev if s["factor"] == f and s["score"] is not None]
+            means[f] = sum(scored) / len(scored) if scored else -1.0
+        assert by[(c, "factor")] == min(f for f, m in means.items() if m == max(means.values()))
+
+
+def test_bad_scale_is_refused_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("the model was loaded before the bad value was refused")
+
+    import bench.runner
+
+    monkeypatch.setattr(bench.runner, "load", refuse, raising=False)
+    monkeypatch.setattr("bench.models.load", refuse)
+    for flag, message in (("steering.scale=max", "unknown steering.scale 'max'; valid: mean_norm, max_act"),
+                          ("steering.ties=largest", "unknown steering.ties 'largest'; valid: concept, smallest")):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            rc = main(["run", "--models", "tiny:gpt2", "--layers", "0", "--methods", "dim", "--tasks", "steering",
+                       "--judge", "fake", "--concepts", str(FIXTURE_CONCEPTS), "--out", str(tmp_path / "run"),
+                       "-T", flag])
+        assert rc == 2 and any(message in r.getMessage() for r in caplog.records), caplog.text
+        assert not (tmp_path / "run" / "records.jsonl").exists()
 
 
 # ----------------------------------------------------------------------------------------------- faulty judge
