@@ -59,7 +59,7 @@ class LabelSettings:
     n_show: int = 10  # of those, shown to the labeler (token, context, activation)
     n_vocab: int = 75  # vocabulary tokens per sign (output side)
     n_vocab_show: int = 25  # of those, shown to the labeler with their scores
-    labeler: str = "smollm2-135m-gguf"  # the local model that labels under the offline judge
+    labeler: str = "gemma-3-270m-gguf"  # local model labelling under the offline judge (bench.labeler_choice)
     max_new_tokens: int = 16  # label length (tokens) of the local labeler
     local_window: int = 5  # tokens either side of a top token shown to the local labeler (short prompts)
 

@@ -304,6 +304,23 @@ def perf_snmf() -> str:
     return head + _markdown(pd.DataFrame(rows))
 
 
+@block("perf-steer")
+def perf_steer() -> str:
+    """`bench perf steer_speed --json results/perf/steer_speed.json`: sampling and calibration against baselines."""
+    import json
+
+    g = json.loads((PERF / "steer_speed.json").read_text())
+    st = g["settings"]
+    rows = [{"what": f"sampling, batch {st['batch']} × {st['new_tokens']} tokens", "baseline": "`generate`",
+             "baseline s": f"{g['generate_s']:.1f}", "featbench s": f"{g['sample_s']:.1f}",
+             "ratio": f"{g['generate_s'] / g['sample_s']:.1f}×"},
+            {"what": f"calibration, {st['features']} features × 7 targets × 2 signs", "baseline": "per feature",
+             "baseline s": f"{g['per_feature_s']:.0f} (timed on {g['per_feature_rows_timed']} rows)",
+             "featbench s": f"{g['batched_s']:.1f}", "ratio": f"{g['per_feature_s'] / g['batched_s']:.1f}×"}]
+    head = f"{st['model']} layer {g['layer']}, {g['threads']} threads, {st['device']}:\n\n"
+    return head + _markdown(pd.DataFrame(rows))
+
+
 @block("judge-validation")
 def judge_validation() -> str:
     """Agreement of the offline judge with hand labels (committed signals and labels; cross-validated)."""
@@ -317,6 +334,25 @@ def judge_validation() -> str:
     for c in names.values():
         t[c] = t[c].map(lambda v: f"{v:.2f}")
     return t.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+@block("labeler-choice")
+def labeler_choice() -> str:
+    """The offline labeler and prompt chosen by measurement (bench/data/labeler_choice.csv, written by
+    `python -m bench.labeler_choice`): per method, how often the label of a concept's best feature names the
+    concept against the off-concept baseline, and distinct labels / echoed examples among sampled features."""
+    from bench.labeler_choice import ranking, summary
+
+    frame = pd.read_csv(ROOT / "bench" / "data" / "labeler_choice.csv", keep_default_na=False)
+    layer = int(frame["layer"].iloc[0])
+    names = {"input_lift": "input lift", "output_lift": "output lift", "distinct": "distinct share",
+             "echo": "echo share", "lift": "mean lift"}
+    rank = ranking(frame).drop(columns="seconds").rename(columns=names)  # seconds depend on the cache and load
+    head = (f"Layer {layer}, names the concept = cos(label, description) >= 0.28 (base: against other concepts' "
+            "descriptions; constant: the most common label against every description):\n\n")
+    return (head + summary(frame).to_markdown(index=False, disable_numparse=True)
+            + "\n\nMeans over methods, best first (lift = names rate − base):\n\n"
+            + rank.to_markdown(index=False) + "\n")
 
 
 if __name__ == "__main__":

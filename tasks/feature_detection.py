@@ -7,10 +7,10 @@ For each selected feature with an input-side label (`ctx.labels`, shared with fe
    far (templates `feature_sentences`, `feature_sentences_neutral`). An empty or repeated answer is dropped and
    ends that list (a cached, deterministic writer would repeat it; the reference retries at temperature 1).
    Under an LLM judge (`--judge fake | openai:<model> | hf:<id>`) the judge writes them. Under the offline judge
-   the local model `generator` (SmolLM2-135M by default: weak; it often drifts from the label) completes the
-   few-shot template `feature_sentences_local`, and the neutral sentences are a seeded sample of the shipped
-   neutral corpus (a deviation: the small model cannot be asked for "unrelated"). Sentences are cached like
-   judge answers.
+   the local model `generator` (gemma-3-270m base by default, the labeler `bench.labeler_choice` chose; weak: it
+   often drifts from the label) completes the few-shot template `feature_sentences_local`, and the neutral
+   sentences are a seeded sample of the shipped neutral corpus (a deviation: the small model cannot be asked for
+   "unrelated"). Sentences are cached like judge answers.
 2. Response. Each sentence is read at the method's site with BOS prepended and BOS and padding excluded (the
    reference's mask), one correctly masked batch (the reference runs left-padded batches without an attention
    mask, its quirk). The feature's response to a sentence is the max over its tokens of cos(unit direction,
@@ -59,7 +59,7 @@ class FeatureDetection:
 
     max_features: int = 8  # 0 = every feature (the paper); else a seeded sample, the same in every feature task
     n_sentences: int = 5  # activating and neutral sentences per feature (the reference's 5 + 5)
-    generator: str = "smollm2-135m-gguf"  # the local model that writes sentences under the offline judge
+    generator: str = "gemma-3-270m-gguf"  # local model writing sentences under the offline judge (as labeler)
     max_new_tokens: int = 40  # sentence length (tokens) of the local generator
     max_len: int = 64  # tokens per sentence when reading activations
     batch_size: int = 16
