@@ -292,9 +292,9 @@ class ActivationCache:
                     "bytes": path.stat().st_size}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             for f in (path, tmp / "meta.json", tmp):
-                _fsync(f)
+                fsync(f)
             os.replace(tmp, self.root / key)
-            _fsync(self.root)
+            fsync(self.root)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             if not (self.root / key / "acts.safetensors").exists():  # else another process won the race
@@ -328,8 +328,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or a directory entry to disk (directories: where the OS allows opening them)."""
+def fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk (directories: where the OS allows it); shared by the caches."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

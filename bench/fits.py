@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from bench.activations import Activations, cache_root
+from bench.activations import Activations, cache_root, fsync
 from bench.protocols import FeatureMethod
 
 log = logging.getLogger(__name__)
@@ -121,13 +121,13 @@ class FitCache:
             save_file(enc.tensors, str(tmp / "state.safetensors"), metadata={"key": key})
             (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
             for f in (tmp / "state.safetensors", tmp / "state.json", tmp):
-                _fsync(f)
+                fsync(f)
             old = None
             if final.exists():  # a corrupt entry being replaced: move it aside first (rename needs a free name)
                 old = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key}-old-"))
                 os.replace(final, old / "entry")
             os.replace(tmp, final)
-            _fsync(self.root)
+            fsync(self.root)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError:
@@ -216,15 +216,3 @@ def _bytes(t: Tensor) -> bytes:
 
 def _digest(t: Tensor) -> str:
     return hashlib.sha256(_bytes(t)).hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a directory entry to disk (directories: where the OS allows it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not path.is_dir():
-            raise
-    finally:
-        os.close(fd)

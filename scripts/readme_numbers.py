@@ -123,19 +123,29 @@ def concepts_table() -> str:
     return _table(CONCEPTS_RUN, MAIN)
 
 
+def _comparisons(run: Path, keep: set[tuple[str, str]], two_sample: bool) -> str:
+    """The rows of `bench.report.paired` for the (task, metric) pairs in `keep`, as a Markdown table; n is the
+    number of shared concepts, or "features of a vs b" for two-sample comparisons."""
+    from bench.report import paired
+
+    table = paired(_frame(run))
+    table = table[[(t, m) in keep for t, m in zip(table["task"], table["metric"], strict=True)]]
+    rows = [{"task: metric": f"{r.task}: {r.metric}", "layer": int(r.layer), "a − b": f"{r.a} − {r.b}",
+             **({"features": f"{int(r.n)} vs {int(r.n_b)}"} if two_sample else {"n": int(r.n)}),
+             "difference [95% CI]": f"{r.diff:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]", "p": _p(r.p_value),
+             ("P(a > b)" if two_sample else "a wins"): f"{r.win_rate:.0%}"} for r in table.itertuples()]
+    return _markdown(pd.DataFrame(rows))
+
+
+def _p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
+
 @block("concepts-paired")
 def concepts_paired() -> str:
     """Paired differences between methods on the main metrics of detection and steering."""
-    from bench.report import paired
-
-    table = paired(_frame(CONCEPTS_RUN))
-    keep = {("detection", "auroc"), ("steering", "score"), ("steering", "concept")}
-    table = table[[(t, m) in keep for t, m in zip(table["task"], table["metric"], strict=True)]]
-    rows = [{"task: metric": f"{r.task}: {r.metric}", "layer": int(r.layer), "a − b": f"{r.a} − {r.b}",
-             "n": int(r.n), "difference [95% CI]": f"{r.diff:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]",
-             "p": f"{r.p_value:.3f}" if r.p_value >= 0.001 else "< 0.001", "a wins": f"{r.win_rate:.0%}"}
-            for r in table.itertuples()]
-    return _markdown(pd.DataFrame(rows))
+    return _comparisons(CONCEPTS_RUN, {("detection", "auroc"), ("steering", "score"), ("steering", "concept")},
+                        two_sample=False)
 
 
 @block("labels")
@@ -204,17 +214,7 @@ def default_kl() -> str:
 @block("default-paired")
 def default_paired() -> str:
     """Comparisons between methods in the default run (two-sample: each method has its own features)."""
-    from bench.report import paired
-
-    table = paired(_frame(DEFAULT_RUN))
-    keep = {("feature_steering", "score"), ("feature_detection", "s_cd")}
-    table = table[[(t, m) in keep for t, m in zip(table["task"], table["metric"], strict=True)]]
-    rows = [{"task: metric": f"{r.task}: {r.metric}", "layer": int(r.layer), "a − b": f"{r.a} − {r.b}",
-             "features": f"{int(r.n)} vs {int(r.n_b)}",
-             "difference [95% CI]": f"{r.diff:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]",
-             "p": f"{r.p_value:.3f}" if r.p_value >= 0.001 else "< 0.001", "P(a > b)": f"{r.win_rate:.0%}"}
-            for r in table.itertuples()]
-    return _markdown(pd.DataFrame(rows))
+    return _comparisons(DEFAULT_RUN, {("feature_steering", "score"), ("feature_detection", "s_cd")}, two_sample=True)
 
 
 @block("default-labels")
@@ -267,7 +267,7 @@ def dim_sites() -> str:
     table = table[table["metric"] == "auroc"]
     diffs = [{"layer": int(r.layer), "a − b": f"{r.a} − {r.b}", "n": int(r.n),
               "difference [95% CI]": f"{r.diff:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]",
-              "p": f"{r.p_value:.3f}" if r.p_value >= 0.001 else "< 0.001"} for r in table.itertuples()]
+              "p": _p(r.p_value)} for r in table.itertuples()]
     return _markdown(pd.DataFrame(rows)) + "\n" + _markdown(pd.DataFrame(diffs))
 
 
