@@ -159,8 +159,10 @@ def _params(judge: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dict(getattr(inner, "params", {}) or {}), default=str)) if can_complete(judge) else {}
 
 
-def _label(method: Any, feats: list[int], ctx: Any, s: LabelSettings, templates: dict[str, Any],
-           style: str) -> dict[int, FeatureLabel]:
+def gather_evidence(method: Any, feats: list[int], ctx: Any, s: LabelSettings
+                    ) -> tuple[list[tuple[TopToken, ...]], list[dict[str, tuple[tuple[str, float], ...]]]]:
+    """Per feature of `feats`: its top activating tokens over the fit data (codes <= 0 dropped) and its
+    vocabulary projection per sign, (token text, score), as the labeler is shown them."""
     acts = ctx.acts("train", method.site)
     vals, idx = top_codes(method, acts, feats, s.n_top)  # [f, n_top]
     texts = TextIndex(acts)
@@ -178,6 +180,12 @@ def _label(method: Any, feats: list[int], ctx: Any, s: LabelSettings, templates:
     vocab = [{sign: tuple((ctx.tokenizer.decode([t]), round(float(v), 4))
                           for t, v in zip(ids[j, k].tolist(), scores[j, k].tolist(), strict=True))
               for k, sign in enumerate(SIGNS)} for j in range(len(feats))]
+    return tops, vocab
+
+
+def _label(method: Any, feats: list[int], ctx: Any, s: LabelSettings, templates: dict[str, Any],
+           style: str) -> dict[int, FeatureLabel]:
+    tops, vocab = gather_evidence(method, feats, ctx, s)
     jobs: list[tuple[int, str]] = []  # (row, side) per prompt
     prompts, tags = [], []
     for j in range(len(feats)):

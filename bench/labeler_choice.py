@@ -42,11 +42,11 @@ import torch
 from torch import Tensor
 
 from bench.config import RunConfig
-from bench.feature_evidence import TextIndex, marked, top_codes, vocab_lists
 from bench.feature_labels import (
     LabelSettings,
     TopToken,
     _prompt,
+    gather_evidence,
     parse_label,
     render_tokens,
     render_vocab,
@@ -271,23 +271,9 @@ def evidence(method: FeatureMethod, features: Sequence[int], ctx: Context,
            settings.n_vocab)
     if key in ctx.memo:
         return ctx.memo[key]
-    s, feats = settings, list(features)
-    acts = ctx.acts("train", method.site)
-    vals, idx = top_codes(method, acts, feats, s.n_top)
-    texts = TextIndex(acts)
-    out = {}
-    ids, scores = vocab_lists(ctx.model, method.site, method.directions_[feats], s.n_vocab)  # [f, 2, n_vocab]
-    for j, f in enumerate(feats):
-        tops = []
-        for v, i in zip(vals[j].tolist(), idx[j].tolist(), strict=True):
-            if v > 0 and i >= 0:  # codes <= 0 are discarded, as there
-                tok, context, span = texts.context(i, s.window, ctx.tokenizer)
-                near = marked(*texts.context(i, s.local_window, ctx.tokenizer)[1:], tok)
-                tops.append(TopToken(tok, context, float(v), int(acts.prompt_idx[i]), int(acts.position[i]), span,
-                                     near))
-        vocab = [(ctx.tokenizer.decode([t]), round(float(x), 4))
-                 for t, x in zip(ids[j, 0].tolist(), scores[j, 0].tolist(), strict=True)]
-        out[f] = (tops, vocab)
+    feats = list(features)
+    tops, vocab = gather_evidence(method, feats, ctx, settings)
+    out = {f: (list(tops[j]), list(vocab[j]["+"])) for j, f in enumerate(feats)}
     ctx.memo[key] = out
     return out
 
