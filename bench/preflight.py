@@ -224,13 +224,16 @@ def _coerced(table: Mapping[str, Any], kind: str, name: str, params: Mapping[str
     """`params` coerced to the factory's field types, on top of its defaults (so an unset field equals its
     default given explicitly), as JSON values (tuples and lists, a Site and its string compare equal)."""
     registry.discover()
-    factory = table.get(name)
+    base = params.get("method") if table is registry.METHODS else None  # a method alias names its factory
+    params = {k: v for k, v in params.items() if k != "method"} if isinstance(base, str) else params
+    factory = table.get(base if isinstance(base, str) else name)
     if factory is None or not dataclasses.is_dataclass(factory):
         return json.loads(json.dumps(dict(params), default=str))
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(factory)
                 if f.init and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)}
-    return json.loads(json.dumps({**defaults, **check_params(factory, params, kind, name)}, default=str))
+    alias = {"method": base} if isinstance(base, str) else {}
+    return json.loads(json.dumps({**defaults, **check_params(factory, params, kind, name), **alias}, default=str))
 
 
 def describe_missing(reqs: Iterable[Requirement]) -> str:

@@ -21,7 +21,8 @@ from bench import registry
 from bench.activations import ActivationCache, Activations
 from bench.config import RunConfig, build, check_params
 from bench.data import ConceptData, load_lines
-from bench.feature_labels import label_features, settings_from
+from bench.feature_concepts import feature_concepts
+from bench.feature_labels import LabelSettings, label_features, settings_from
 from bench.features import steering_sites
 from bench.fits import Fit, FitCache, params_json
 from bench.models import describe, load
@@ -46,11 +47,25 @@ def new_run_id(cfg: RunConfig) -> str:
     return f"{dt.datetime.now():%Y%m%d-%H%M%S}-{digest}"
 
 
-def make_method(name: str, cfg: RunConfig, layer: int) -> FeatureMethod:
-    """The registered method `name` with the run's parameters, at `layer` (the run's seed and device fill
-    the method's `seed` and `device` fields unless set with -M)."""
-    factory = registry.lookup(registry.METHODS, "method", name)
+def method_spec(name: str, cfg: RunConfig) -> tuple[Any, dict[str, Any]]:
+    """(registered factory, parameters) of run method `name`: a registered method, or an alias whose table names
+    one in `method` (`[method.sae-act] method = "sae"` runs sae-lens training as a second method `sae-act`)."""
     params = dict(cfg.method.get(name, {}))
+    base = params.pop("method", name)
+    if not isinstance(base, str) or not base.strip():
+        raise ValueError(f"bad {name}.method {base!r}: expected the name of a registered method")
+    if base != name and base not in registry.METHODS:
+        registry.discover()
+        if base not in registry.METHODS:
+            raise ValueError(f"{name}.method names unknown method {base!r}; registered: "
+                             f"{', '.join(sorted(registry.METHODS))}")
+    return registry.lookup(registry.METHODS, "method", base), params
+
+
+def make_method(name: str, cfg: RunConfig, layer: int) -> FeatureMethod:
+    """The run's method `name` (registered, or an alias: `method_spec`) with the run's parameters, at `layer` (the
+    run's seed and device fill the method's `seed` and `device` fields unless set with -M)."""
+    factory, params = method_spec(name, cfg)
     names = {f.name for f in dataclasses.fields(factory)}
     params.setdefault("seed", cfg.seed) if "seed" in names else None
     params.setdefault("device", resolve_device(cfg.device)) if "device" in names else None
@@ -69,10 +84,14 @@ def selected(cfg: RunConfig) -> tuple[list[str], list[str]]:
     registry.discover()
     methods = list(cfg.methods) or sorted(registry.METHODS)
     tasks = list(cfg.tasks) or sorted(registry.TASKS)
-    for kind, table, names, params in (("method", registry.METHODS, methods, cfg.method),
-                                       ("task", registry.TASKS, tasks, cfg.task)):
-        for name in sorted(set(names) | set(params)):  # a misspelt name in -M/-T fails too
-            check_params(registry.lookup(table, kind, name), params.get(name, {}), kind, name)
+    for name in sorted(set(methods) | set(cfg.method)):  # a misspelt name in -M fails too
+        factory, params = method_spec(name, cfg)
+        check_params(factory, params, "method", name)
+        source = params.get("features_of")
+        if source is not None and source not in methods and source not in set(registry.METHODS) | set(cfg.method):
+            raise ValueError(f"{name}.features_of names unknown method {source!r}; run methods: {', '.join(methods)}")
+    for name in sorted(set(tasks) | set(cfg.task)):
+        check_params(registry.lookup(registry.TASKS, "task", name), cfg.task.get(name, {}), "task", name)
     return methods, tasks
 
 
@@ -142,7 +161,8 @@ class Run:
 
     def judge(self) -> Any:
         """The run's judge (`cfg.judge`), built on first use by a task that declares `needs_judge`."""
-        needs = [t for t in self.tasks if getattr(registry.TASKS[t], "needs_judge", False)]
+        needs = [t for t in self.tasks if getattr(registry.TASKS[t], "needs_judge", False)] or [
+            m for m in self.methods if method_spec(m, self.cfg)[1].get("features_of")]
         if needs and self._judge is None:
             from bench.judge import make_judge
 
@@ -254,16 +274,12 @@ class Run:
             source = _model_source(model_id, prov)
             for layer, name, pending in self.units(model_id, layers):
                 method = make_method(name, self.cfg, layer)
-                fit = self.fits.fit(name, method, data.acts("train", method.site).cap(self.cfg.max_fit_tokens,
-                                                                                       self.cfg.seed))
+                fit = self._fit(name, method, data, layer, labels)
                 start["fits"]["loaded" if fit.cached else "fitted"] += 1
                 base = {"run_id": self.run_id, "model": model_id, "model_source": source, "layer": layer,
                         "site": str(method.site), "method": name, "params": params_json(method),
                         "seed": self.cfg.seed, "fit_key": fit.key}
-                ctx = Context(model, tok, model_id, layer, concepts, data.acts, self.cfg.seed, lambda row: None,
-                              judge=self.judge(), instructions=self.instructions, device=self.device,
-                              fit_key=fit.key)
-                ctx.labels = functools.partial(label_features, ctx=ctx, settings=labels)
+                ctx = self._context(data, layer, fit.key, labels)
                 for task_name in pending:
                     bar.set_postfix_str(f"{model_id} L{layer} {name} {task_name}")
                     self._unit(task_name, method, ctx, base, fit)
@@ -271,6 +287,32 @@ class Run:
                     bar.update(1)
             del model, data
         bar.close()
+
+    def _context(self, data: _ModelData, layer: int, fit_key: str, labels: LabelSettings) -> Context:
+        """The context of one (layer, fitted method): model, data, judge, and labels bound to the fit."""
+        ctx = Context(data.model, data.tok, data.model_id, layer, data.concepts, data.acts, self.cfg.seed,
+                      lambda row: None, judge=self.judge(), instructions=self.instructions, device=self.device,
+                      fit_key=fit_key)
+        ctx.labels = functools.partial(label_features, ctx=ctx, settings=labels)
+        return ctx
+
+    def _fit(self, name: str, method: FeatureMethod, data: _ModelData, layer: int, labels: LabelSettings,
+             chain: tuple[str, ...] = ()) -> Fit:
+        """Fit `method` (run method `name`) from the fit cache or afresh: on the capped train split, or, for a
+        method with `features_of`, on the sentences of that method's labelled features (`bench.feature_concepts`)."""
+        source = getattr(method, "features_of", None)
+        if source is None:
+            acts = data.acts("train", method.site).cap(self.cfg.max_fit_tokens, self.cfg.seed)
+        else:
+            if source in (name, *chain):
+                raise ValueError(f"{name}.features_of={source!r} makes a cycle: {' -> '.join((*chain, name, source))}")
+            src = make_method(source, self.cfg, layer)
+            src_fit = self._fit(source, src, data, layer, labels, (*chain, name))
+            made = feature_concepts(src, source, self._context(data, layer, src_fit.key, labels),
+                                    make_task("feature_detection", self.cfg))
+            acts = data.texts_acts(made.texts, method.site, f"{name} <- {source}").with_labels(made.labels,
+                                                                                               made.concepts)
+        return self.fits.fit(getattr(type(method), "registry_name", name), method, acts)
 
     def _unit(self, task_name: str, method: FeatureMethod, ctx: Context, base: dict[str, Any], fit: Fit) -> None:
         """Run one task (or record the fit), then append its samples, its records and its done marker."""
@@ -306,6 +348,12 @@ class _ModelData:
         self.run, self.model, self.tok, self.model_id, self.revision = run, model, tok, model_id, revision
         self.concepts, self.sites = concepts, sites
         self.memo: dict[str, dict[Site, Activations]] = {}
+
+    def texts_acts(self, texts: list[str], site: Site, desc: str) -> Activations:
+        """Cached activations of arbitrary `texts` at `site` (no labels)."""
+        cfg = self.run.cfg
+        return self.run.cache.get(self.model, self.tok, self.model_id, self.revision, texts, [site], cfg.batch_size,
+                                  cfg.max_len, desc=desc)[site]
 
     def acts(self, split: str, site: Site) -> Activations:
         """Cached activations at `site` of concept split `split` (labels attached) or of the `neutral` corpus."""

@@ -50,7 +50,7 @@ def test_run_then_report_prints_a_leaderboard(tmp_path: Path, capsys: pytest.Cap
 @pytest.mark.parametrize(("flags", "message"), [
     (["--methods", "dimm"], "unknown method 'dimm'; known: dim"),
     (["--layers", "99"], "has 2 layers"),
-    (["-M", "dim.normalise=false"], "valid for dim: normalize, site"),
+    (["-M", "dim.normalise=false"], "valid for dim: chunk_tokens, features_of, normalize, site"),
     (["--tasks", "detect"], "unknown task 'detect'; known: detection"),
 ])
 def test_bad_input_fails_without_traceback(tmp_path: Path, flags: list[str], message: str) -> None:

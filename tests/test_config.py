@@ -44,7 +44,7 @@ def test_method_params_are_coerced_and_checked() -> None:
     params = parse_params(["dim.normalize=false", "dim.site=mlp@3"], "-M")
     dim = build(DiffInMeans, params["dim"], "method", "dim")
     assert dim.normalize is False and dim.site == Site(3, "mlp")
-    msg = r"unknown method parameter\(s\) dim.normalise; valid for dim: normalize, site"
+    msg = r"unknown method parameter\(s\) dim.normalise; valid for dim: chunk_tokens, features_of, normalize, site"
     with pytest.raises(ValueError, match=msg):
         build(DiffInMeans, {"normalise": "true"}, "method", "dim")
     with pytest.raises(ValueError, match="expected NAME.FIELD=VALUE"):
