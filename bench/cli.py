@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -45,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="directory of rubric files (feature_concept.txt, ...) that replace the shipped ones")
     r.add_argument("--out", help="run directory (default: results/<run_id>)")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR, skipping finished units")
+    r.add_argument("--executor", choices=["local", "ray"], help="where units run: this process (default) or Ray actors")
+    r.add_argument("--ray-address", dest="ray_address", metavar="ADDR",
+                   help="join this Ray cluster (auto, host:port, ray://host:port); default: start a local one")
+    r.add_argument("--workers", type=int, help="ray: actors at once (default 0: as many as the cluster allows)")
+    r.add_argument("--gpus-per-worker", type=float, dest="gpus_per_worker", help="ray: GPUs per actor (default 0)")
+    r.add_argument("--cpus-per-worker", type=float, dest="cpus_per_worker", help="ray: CPUs per actor (default 1)")
     r.add_argument("--dry-run", action="store_true", help="list the units and the estimated cost, run nothing")
     r.add_argument("--show-config", action="store_true", help="print the resolved config as TOML-ish JSON and exit")
 
@@ -80,14 +87,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from bench import preflight
-    from bench.config import RunConfig, parse_params, shipped_config
+    from bench.config import EXECUTION, RunConfig, parse_params, shipped_config
     from bench.report import write_leaderboard
     from bench.results import load, read_jsonl
     from bench.runner import Run, new_run_id
 
     overrides = {k: getattr(args, k) for k in ("models", "layers", "methods", "tasks", "concepts", "concept_columns",
                                                 "seed", "device", "max_fit_tokens", "judge", "judge_base_url",
-                                                "judge_templates")}
+                                                "judge_templates", "executor", "ray_address", "workers",
+                                                "gpus_per_worker", "cpus_per_worker")}
     overrides["method"] = parse_params(args.method_params, "-M")
     overrides["task"] = parse_params(args.task_params, "-T")
     path = args.config or (shipped_config(args.preset) if args.preset else None)
@@ -101,6 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         if bad:
             raise ValueError(f"--resume {out}: flags conflict with its config.json: {'; '.join(bad)}; drop them to "
                              "resume, or start a new run with --out")
+        cfg = dataclasses.replace(cfg, **{k: getattr(given, k) for k in EXECUTION})  # where it runs may change
     else:
         cfg = RunConfig.load(path, overrides)
     if args.show_config:

@@ -47,6 +47,12 @@ class RunConfig:
     judge: str = "offline"  # offline | fake | openai:<model> | hf:<path or id>
     judge_base_url: str | None = None
     judge_templates: str | None = None  # a directory of rubric files that replace the shipped ones (same names)
+    # where units run (never changes a record; a resume may change them): bench.executors
+    executor: str = "local"  # local: this process | ray: Ray actors, one (model, layer) group per call
+    ray_address: str | None = None  # None: start a local Ray cluster | auto | ray://host:10001 | host:6379
+    workers: int = 0  # ray: actors at once (0 = as many as the cluster's CPUs, or GPUs, allow)
+    gpus_per_worker: float = 0.0  # ray: num_gpus of each actor
+    cpus_per_worker: float = 1.0  # ray: num_cpus of each actor (and its torch threads)
 
     def __post_init__(self) -> None:
         """Every value's type and range (names of methods, tasks and models are resolved by `bench.preflight`)."""
@@ -80,6 +86,20 @@ class RunConfig:
                 raise ValueError(f"bad {name} table {_show(table)}: expected {{name: {{field: value}}}}, e.g. "
                                  f"[{name}.{'snmf' if name == 'method' else 'detection'}] in TOML")
         check_judge(self.judge, self.judge_base_url)
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"bad executor {_show(self.executor)}: expected one of {', '.join(EXECUTORS)}")
+        if self.ray_address is not None and (self.executor != "ray" or not isinstance(self.ray_address, str)
+                                             or not self.ray_address.strip()):
+            raise ValueError(f"bad ray_address {_show(self.ray_address)}: expected an address (auto, host:port or "
+                             "ray://host:port) given with --executor ray")
+        if not (_is_int(self.workers) and self.workers >= 0):
+            raise ValueError(f"bad workers {_show(self.workers)}: expected an integer >= 0 (0 = as many as fit)")
+        for name in ("gpus_per_worker", "cpus_per_worker"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"bad {name} {_show(value)}: expected a number >= 0")
+        if self.cpus_per_worker == 0 and self.gpus_per_worker == 0:
+            raise ValueError("cpus_per_worker and gpus_per_worker are both 0: a worker needs one or the other")
         if self.judge_templates is not None:
             if not (isinstance(self.judge_templates, str) and self.judge_templates.strip()):
                 raise ValueError(f"bad judge_templates {_show(self.judge_templates)}: expected a directory path")
@@ -158,6 +178,8 @@ def merge(data: Mapping[str, Any], overrides: Mapping[str, Any], source: str) ->
 
 
 LAYER_NAMES = ("early", "middle", "late")
+EXECUTORS = ("local", "ray")
+EXECUTION = ("executor", "ray_address", "workers", "gpus_per_worker", "cpus_per_worker")  # never change a record
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 JUDGE_SPECS = "offline | fake | openai:<model> | hf:<path or id>"
 

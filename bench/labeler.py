@@ -55,6 +55,11 @@ class LocalLabeler(HFJudge):
     def _format(self, prompt: str) -> str:
         return prompt
 
+    def _stopping(self, prompt_len: int) -> Any:
+        from transformers import StoppingCriteriaList
+
+        return StoppingCriteriaList([FirstLine(self._tok, prompt_len)])
+
     def complete(self, prompts: list[str]) -> list[str | None]:
         head = shared_head(prompts)
         if not head:
@@ -85,11 +90,27 @@ class LocalLabeler(HFJudge):
                 past.batch_repeat_interleave(b)
                 with torch.no_grad():
                     gen = model.generate(input_ids=ids, attention_mask=mask, past_key_values=past, do_sample=False,
-                                         max_new_tokens=self.params["max_new_tokens"], pad_token_id=tok.pad_token_id)
+                                         max_new_tokens=self.params["max_new_tokens"], pad_token_id=tok.pad_token_id,
+                                         stopping_criteria=self._stopping(ids.shape[1]))
                 out += tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
         finally:
             tok.padding_side = side
         return out
+
+
+class FirstLine:
+    """A `generate` stopping criterion: a row is done once its new text has a non-blank line ended by a newline.
+
+    Every reader of a completion (labels, sentences) keeps its first non-blank line, so decoding further only
+    costs time: greedy rows are independent, so the kept line is the one an uncut decode gives (tested)."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int) -> None:
+        self.tok, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tok.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        done = [bool(re.search(r"\S[^\n]*\n", t)) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def shared_head(prompts: Sequence[str]) -> str:

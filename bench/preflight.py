@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import registry
-from bench.config import RunConfig, check_params
+from bench.config import EXECUTION, RunConfig, check_params
 
 log = logging.getLogger(__name__)
 # install commands that featbench's own metadata does not give (packages outside its dependencies)
@@ -103,6 +103,8 @@ def requirements(cfg: RunConfig, methods: Mapping[str, Any], tasks: Mapping[str,
     for kind, objs in (("method", methods), ("task", tasks)):
         for name, obj in objs.items():
             out += declared(obj, cfg, f"the {name} {kind}")
+    if cfg.executor == "ray":
+        out.append(Requirement("ray", "pip install 'featbench[ray]'", "--executor ray"))
     judged = [t for t, obj in tasks.items() if getattr(obj, "needs_judge", False)]
     if judged:
         kind, _, arg = cfg.judge.partition(":")
@@ -207,7 +209,8 @@ def conflicts(stored: RunConfig, given: RunConfig) -> list[str]:
     """The settings where `given` differs from `stored`, as `name: stored X vs given Y` (method and task
     parameters compared after coercion, so `-M snmf.n_features=64` equals a stored 64)."""
     a, b = stored.to_dict(), given.to_dict()
-    out = [f"{k}: stored {a[k]!r} vs given {b[k]!r}" for k in a if k not in ("method", "task") and a[k] != b[k]]
+    skip = ("method", "task", *EXECUTION)  # where units run may change on resume
+    out = [f"{k}: stored {a[k]!r} vs given {b.get(k)!r}" for k in a if k not in skip and a[k] != b.get(k)]
     for table, kind, reg in (("method", "method", registry.METHODS), ("task", "task", registry.TASKS)):
         for name in sorted(set(a[table]) | set(b[table])):
             x, y = (_coerced(reg, kind, name, t[table].get(name, {})) for t in (a, b))

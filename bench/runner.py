@@ -10,7 +10,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,14 +23,14 @@ from bench.activations import ActivationCache, Activations
 from bench.config import RunConfig, build, check_params
 from bench.data import ConceptData, load_lines
 from bench.feature_concepts import feature_concepts
-from bench.feature_labels import LabelSettings, label_features, settings_from
+from bench.feature_labels import label_features, settings_from
 from bench.features import steering_sites
 from bench.fits import Fit, FitCache, params_json
 from bench.models import describe, load
 from bench.protocols import Context, FeatureMethod
 from bench.results import Score, append_jsonl, read_jsonl, to_record
 from bench.rundir import environment, lock_run_dir, read_env, repair_tail, utc_now, write_atomic, write_env
-from bench.sites import Site, n_layers, resolve_layers
+from bench.sites import Site, resolve_layers
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,10 @@ class Run:
     """One run directory: results/<run_id>/{config.json, env.json, records.jsonl, samples.jsonl, units.jsonl}.
 
     A Run (other than a dry run) holds the directory's lock from construction until `execute()` returns or
-    `close()`: a second writer of the same directory fails at once with the holder's pid."""
+    `close()`: a second writer of the same directory fails at once with the holder's pid. The Run is the only
+    writer of the run's files: units are computed by a `Worker`, in this process (`executor = "local"`) or in Ray
+    actors (`executor = "ray"`, `bench.executors`), and each finished unit's samples, records and done marker are
+    appended here, in the order of the plan."""
 
     def __init__(self, cfg: RunConfig, out: Path, resume: bool = False, dry_run: bool = False) -> None:
         self.cfg, self.out, self.resume = cfg, out, resume
@@ -129,9 +133,7 @@ class Run:
                 raise
         self.done = {u["unit"] for u in read_jsonl(out / "units.jsonl")}
         self.cache = ActivationCache()
-        self.fits = FitCache()
         self.instructions = load_lines(None, "instructions.jsonl")
-        self._judge: Any = None
 
     def _open(self, resume: bool) -> None:
         if resume:
@@ -158,17 +160,6 @@ class Run:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def judge(self) -> Any:
-        """The run's judge (`cfg.judge`), built on first use by a task that declares `needs_judge`."""
-        needs = [t for t in self.tasks if getattr(registry.TASKS[t], "needs_judge", False)] or [
-            m for m in self.methods if method_spec(m, self.cfg)[1].get("features_of")]
-        if needs and self._judge is None:
-            from bench.judge import make_judge
-
-            self._judge = make_judge(self.cfg.judge, base_url=self.cfg.judge_base_url, device=self.device,
-                                     templates=self.cfg.judge_templates)
-        return self._judge
 
     def _drop_unfinished(self) -> None:
         """Remove records and samples of units that have no done marker (a crash between the two writes)."""
@@ -255,49 +246,150 @@ class Run:
             self.close()
         return self.out
 
-    def _execute(self, env: dict[str, Any], start: dict[str, Any]) -> None:
-        concepts = ConceptData.load(self.cfg.concepts, self.cfg.concept_columns, self.cfg.seed)
-        per_layer = len(self.methods) * (len(self.tasks) + 1)
-        bar = tqdm(total=0, desc="units", unit="unit")
-        self.plan()  # validate every model, layer, method and release before any work
-        labels = settings_from(self.cfg.task.get("feature_labels", {}))  # ctx.labels: shared by feature tasks
+    def groups(self) -> list[tuple[str, int, list[tuple[str, list[str]]]]]:
+        """The pending work as (model, layer, [(method, pending tasks incl. "fit")]) groups, in plan order."""
+        out = []
         for model_id in self.cfg.models:
-            model, tok, prov = load(model_id, self.device)
-            start["models"][model_id] = prov
-            write_env(self.out, env)
-            layers = resolve_layers(list(self.cfg.layers), n_layers(model))
-            bar.total += len(layers) * per_layer
-            bar.update(sum(1 for key in self.done if key.startswith(f"{model_id}|")))
-            bar.refresh()
-            sites = steering_sites(model, [make_method(m, self.cfg, la).site for la in layers for m in self.methods])
-            data = _ModelData(self, model, tok, model_id, prov["revision"], concepts, sites)
-            source = _model_source(model_id, prov)
-            for layer, name, pending in self.units(model_id, layers):
-                method = make_method(name, self.cfg, layer)
-                fit = self._fit(name, method, data, layer, labels)
-                start["fits"]["loaded" if fit.cached else "fitted"] += 1
-                base = {"run_id": self.run_id, "model": model_id, "model_source": source, "layer": layer,
-                        "site": str(method.site), "method": name, "params": params_json(method),
-                        "seed": self.cfg.seed, "fit_key": fit.key}
-                ctx = self._context(data, layer, fit.key, labels)
-                for task_name in pending:
-                    bar.set_postfix_str(f"{model_id} L{layer} {name} {task_name}")
-                    self._unit(task_name, method, ctx, base, fit)
-                    start["units"] += 1
-                    bar.update(1)
-            del model, data
+            layers = resolve_layers(list(self.cfg.layers), describe(model_id).n_layers)
+            for layer in layers:
+                pending = [(m, tasks) for la, m, tasks in self.units(model_id, [layer])]
+                if pending:
+                    out.append((model_id, layer, pending))
+        return out
+
+    def _execute(self, env: dict[str, Any], start: dict[str, Any]) -> None:
+        self.plan()  # validate every model, layer, method and release before any work
+        per_layer = len(self.methods) * (len(self.tasks) + 1)
+        total = sum(len(resolve_layers(list(self.cfg.layers), describe(m).n_layers)) for m in self.cfg.models)
+        bar = tqdm(total=total * per_layer, initial=len(self.done), desc="units", unit="unit")
+        groups = self.groups()
+        if self.cfg.executor == "ray":
+            from bench.executors import ray_groups
+
+            results = ray_groups(self.cfg, self.run_id, self.methods, self.tasks, groups)
+        else:
+            results = self._local(groups, bar)
+        for model_id, prov, unit in results:
+            if model_id not in start["models"]:
+                start["models"][model_id] = prov
+                write_env(self.out, env)
+            self._write(unit, start)
+            bar.set_postfix_str(unit.key.replace("|", " "))
+            bar.update(1)
         bar.close()
 
-    def _context(self, data: _ModelData, layer: int, fit_key: str, labels: LabelSettings) -> Context:
+    def _local(self, groups: list[tuple[str, int, list[tuple[str, list[str]]]]], bar: Any
+               ) -> Iterator[tuple[str, dict[str, Any], UnitResult]]:
+        """Units computed in this process, one at a time (a crash loses at most the unit in progress)."""
+        worker = Worker(self.cfg, self.run_id, self.methods, self.tasks)
+        for model_id in dict.fromkeys(g[0] for g in groups):
+            layers = resolve_layers(list(self.cfg.layers), describe(model_id).n_layers)
+            for group_model, layer, pending in groups:
+                if group_model != model_id:
+                    continue
+                for unit in worker.group(model_id, layer, pending, layers, bar.set_postfix_str):
+                    yield model_id, worker.provenance(model_id), unit
+            worker.unload()
+
+    def _write(self, unit: UnitResult, start: dict[str, Any]) -> None:
+        """Append one finished unit: its samples, its records, then its done marker."""
+        append_jsonl(self.out / "samples.jsonl", unit.samples)
+        append_jsonl(self.out / "records.jsonl", unit.records)
+        append_jsonl(self.out / "units.jsonl", [unit.marker])
+        self.done.add(unit.key)
+        start["units"] += 1
+        if unit.fitted_here:
+            start["fits"]["loaded" if unit.marker["fit_cached"] else "fitted"] += 1
+
+
+@dataclass
+class UnitResult:
+    """What one finished unit appends: samples.jsonl rows, records.jsonl rows and its units.jsonl marker."""
+
+    key: str
+    samples: list[dict[str, Any]]
+    records: list[dict[str, Any]]
+    marker: dict[str, Any]
+    fitted_here: bool = False  # the first unit after its method was fitted or loaded (env.json counts fits)
+
+
+class Worker:
+    """Computes the units of (model, layer) groups and returns their rows; writes no run file. One per process:
+    the driver's (local executor) or a Ray actor's; it holds one loaded model at a time, the run's judge and the
+    shared caches (activations, fits, labels, judge answers: safe for concurrent processes)."""
+
+    def __init__(self, cfg: RunConfig, run_id: str, methods: list[str], tasks: list[str]) -> None:
+        self.cfg, self.run_id, self.methods, self.tasks = cfg, run_id, methods, tasks
+        self.device = resolve_device(cfg.device)
+        self.cache = ActivationCache()
+        self.fits = FitCache()
+        self.instructions = load_lines(None, "instructions.jsonl")
+        self.labels = settings_from(cfg.task.get("feature_labels", {}))  # ctx.labels: shared by feature tasks
+        self._concepts: ConceptData | None = None
+        self._judge: Any = None
+        self._loaded: tuple[str, Any, Any, dict[str, Any]] | None = None  # (model id, model, tokenizer, provenance)
+        self._data: _ModelData | None = None
+
+    def judge(self) -> Any:
+        """The run's judge (`cfg.judge`), built on first use when a task declares `needs_judge` or a method reads
+        another's labelled features."""
+        needs = [t for t in self.tasks if getattr(registry.TASKS[t], "needs_judge", False)] or [
+            m for m in self.methods if method_spec(m, self.cfg)[1].get("features_of")]
+        if needs and self._judge is None:
+            from bench.judge import make_judge
+
+            self._judge = make_judge(self.cfg.judge, base_url=self.cfg.judge_base_url, device=self.device,
+                                     templates=self.cfg.judge_templates)
+        return self._judge
+
+    def _model(self, model_id: str) -> tuple[Any, Any, dict[str, Any]]:
+        if self._loaded is None or self._loaded[0] != model_id:
+            self.unload()
+            model, tok, prov = load(model_id, self.device)
+            self._loaded = (model_id, model, tok, prov)
+        return self._loaded[1:]
+
+    def provenance(self, model_id: str) -> dict[str, Any]:
+        return self._model(model_id)[2]
+
+    def unload(self) -> None:
+        self._loaded, self._data = None, None
+
+    def group(self, model_id: str, layer: int, pending: list[tuple[str, list[str]]], layers: list[int],
+              progress: Callable[[str], Any] | None = None) -> Iterator[UnitResult]:
+        """The pending units of (model_id, layer), one at a time. Activations are collected at the sites of every
+        method at `layers` in one pass (the local executor passes all the run's layers; a Ray actor its own)."""
+        model, tok, prov = self._model(model_id)
+        if self._concepts is None:
+            self._concepts = ConceptData.load(self.cfg.concepts, self.cfg.concept_columns, self.cfg.seed)
+        sites = steering_sites(model, [make_method(m, self.cfg, la).site for la in layers for m in self.methods])
+        if self._data is None or not set(sites) <= set(self._data.sites):
+            self._data = _ModelData(self, model, tok, model_id, prov["revision"], self._concepts, sites)
+        data, source = self._data, _model_source(model_id, prov)
+        for name, tasks in pending:
+            method = make_method(name, self.cfg, layer)
+            fit = self._fit(name, method, data, layer)
+            base = {"run_id": self.run_id, "model": model_id, "model_source": source, "layer": layer,
+                    "site": str(method.site), "method": name, "params": params_json(method),
+                    "seed": self.cfg.seed, "fit_key": fit.key}
+            ctx = self._context(data, layer, fit.key)
+            for i, task_name in enumerate(tasks):
+                if progress is not None:
+                    progress(f"{model_id} L{layer} {name} {task_name}")
+                unit = self._unit(task_name, method, ctx, base, fit)
+                unit.fitted_here = i == 0
+                yield unit
+
+    def _context(self, data: _ModelData, layer: int, fit_key: str) -> Context:
         """The context of one (layer, fitted method): model, data, judge, and labels bound to the fit."""
         ctx = Context(data.model, data.tok, data.model_id, layer, data.concepts, data.acts, self.cfg.seed,
                       lambda row: None, judge=self.judge(), instructions=self.instructions, device=self.device,
                       fit_key=fit_key)
-        ctx.labels = functools.partial(label_features, ctx=ctx, settings=labels)
+        ctx.labels = functools.partial(label_features, ctx=ctx, settings=self.labels)
         return ctx
 
-    def _fit(self, name: str, method: FeatureMethod, data: _ModelData, layer: int, labels: LabelSettings,
-             chain: tuple[str, ...] = ()) -> Fit:
+    def _fit(self, name: str, method: FeatureMethod, data: _ModelData, layer: int, chain: tuple[str, ...] = ()
+             ) -> Fit:
         """Fit `method` (run method `name`) from the fit cache or afresh: on the capped train split, or, for a
         method with `features_of`, on the sentences of that method's labelled features (`bench.feature_concepts`)."""
         source = getattr(method, "features_of", None)
@@ -307,15 +399,16 @@ class Run:
             if source in (name, *chain):
                 raise ValueError(f"{name}.features_of={source!r} makes a cycle: {' -> '.join((*chain, name, source))}")
             src = make_method(source, self.cfg, layer)
-            src_fit = self._fit(source, src, data, layer, labels, (*chain, name))
-            made = feature_concepts(src, source, self._context(data, layer, src_fit.key, labels),
+            src_fit = self._fit(source, src, data, layer, (*chain, name))
+            made = feature_concepts(src, source, self._context(data, layer, src_fit.key),
                                     make_task("feature_detection", self.cfg))
             acts = data.texts_acts(made.texts, method.site, f"{name} <- {source}").with_labels(made.labels,
                                                                                                made.concepts)
         return self.fits.fit(getattr(type(method), "registry_name", name), method, acts)
 
-    def _unit(self, task_name: str, method: FeatureMethod, ctx: Context, base: dict[str, Any], fit: Fit) -> None:
-        """Run one task (or record the fit), then append its samples, its records and its done marker."""
+    def _unit(self, task_name: str, method: FeatureMethod, ctx: Context, base: dict[str, Any], fit: Fit
+              ) -> UnitResult:
+        """Run one task (or record the fit): its samples, records and done marker."""
         t0 = time.perf_counter()
         samples: list[dict[str, Any]] = []
         base = {**base, "task": task_name, "task_params": {}, "judge": None}
@@ -332,18 +425,15 @@ class Run:
             torch.manual_seed(self.cfg.seed)
             scores = list(task.run(method, ctx))
         key = unit_key(base["model"], base["layer"], base["method"], task_name)
-        append_jsonl(self.out / "samples.jsonl", samples)
-        append_jsonl(self.out / "records.jsonl", [to_record(s, **base) for s in scores])
-        append_jsonl(self.out / "units.jsonl", [{"unit": key, "n_records": len(scores), "fit_key": fit.key,
-                                                 "seconds": round(time.perf_counter() - t0, 2),
-                                                 "fit_cached": fit.cached}])
-        self.done.add(key)
+        marker = {"unit": key, "n_records": len(scores), "fit_key": fit.key,
+                  "seconds": round(time.perf_counter() - t0, 2), "fit_cached": fit.cached}
+        return UnitResult(key, samples, [to_record(s, **base) for s in scores], marker)
 
 
 class _ModelData:
     """Activations of the concept splits for one model, collected once for all sites of the run."""
 
-    def __init__(self, run: Run, model: Any, tok: Any, model_id: str, revision: str, concepts: ConceptData,
+    def __init__(self, run: Any, model: Any, tok: Any, model_id: str, revision: str, concepts: ConceptData,
                  sites: list[Site]) -> None:
         self.run, self.model, self.tok, self.model_id, self.revision = run, model, tok, model_id, revision
         self.concepts, self.sites = concepts, sites

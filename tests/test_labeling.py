@@ -247,3 +247,15 @@ def test_parse_yes_no_and_clean_label() -> None:
 def test_bad_options_name_the_field(field: str, value: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Labeling(**{field: value})
+
+
+def test_first_line_stops_a_row_once_a_non_blank_line_has_ended() -> None:
+    from types import SimpleNamespace
+
+    from bench.labeler import FirstLine
+
+    texts = ["colours\n", "\n\n  colours", " \n", "colours and", "a\nb"]
+    tok = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: [texts[int(r[0])] for r in ids])
+    ids = torch.tensor([[9, 9, i] for i in range(len(texts))])  # two prompt tokens, then the row's text
+    done = FirstLine(tok, prompt_len=2)(ids, torch.zeros(len(texts), 3))
+    assert done.tolist() == [True, False, False, False, True]

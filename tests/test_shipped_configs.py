@@ -39,7 +39,9 @@ def test_paper_presets_run_the_feature_centric_protocol_with_the_references_sett
     assert (steer["n_samples"], steer["max_new_tokens"], steer["top_k"], steer["temperature"]) == (8, 50, 30, 1.0)
     assert {k: cfg["method"]["snmf"][k] for k in ("max_iter", "patience", "tol_mode")} == {
         "max_iter": 2000, "patience": 1500, "tol_mode": "absolute"}
-    assert cfg["method"]["dim"]["site"] == "mlp_out" and cfg["method"]["sae"]["release"]
+    dim = cfg["method"]["dim-snmf"]
+    assert dim["site"] == "mlp_out" and dim["features_of"] == "snmf" and dim["method"] == "dim"
+    assert cfg["method"]["sae"]["release"] and cfg["method"]["sae-act"]["d_sae"] == cfg["method"]["snmf"]["n_features"]
     labels = cfg["task"]["feature_labels"]
     assert (labels["n_top"], labels["window"], labels["n_show"], labels["n_vocab"], labels["n_vocab_show"]) == (
         25, 15, 10, 75, 25)

@@ -110,6 +110,10 @@ class HFJudge:
         self.batch_size = batch_size
         self.calls = 0
 
+    def _stopping(self, prompt_len: int) -> Any:
+        """Stopping criteria of `generate` for prompts of `prompt_len` tokens (None: max_new_tokens only)."""
+        return None
+
     def _format(self, prompt: str) -> str:
         if getattr(self._tok, "chat_template", None):
             return self._tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -131,7 +135,8 @@ class HFJudge:
                                 add_special_tokens=not templated).to(self.device)
                 with torch.no_grad():
                     gen = self._model.generate(**enc, do_sample=False, max_new_tokens=self.params["max_new_tokens"],
-                                               pad_token_id=self._tok.pad_token_id)
+                                               pad_token_id=self._tok.pad_token_id,
+                                               stopping_criteria=self._stopping(enc["input_ids"].shape[1]))
                 out += self._tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         finally:
             self._tok.padding_side = side
