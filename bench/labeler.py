@@ -169,8 +169,23 @@ def clean_label(text: str | None) -> str | None:
     if text is None:
         return None
     for line in text.strip().splitlines():
-        line = re.sub(r"^\s*(label|description|answer|feature|summary)\s*:\s*", "", line.strip(" *#`\"'"),
-                      flags=re.IGNORECASE).strip(" *`\"'")
+        line = re.sub(r"^\s*(label|description|answer|feature|summary)\s*:\s*", "", line.strip(" *#`"),
+                      flags=re.IGNORECASE).strip(" *`")
+        line = _unquote(line)
         if line:
             return line[:200]
     return None
+
+
+def _unquote(line: str) -> str:
+    """`line` without quotes around it, or without an unmatched quote at either end; inner quotes stay
+    (`the word "colour"` keeps both of its quotes)."""
+    while len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'":
+        line = line[1:-1].strip()
+    for q in "\"'":
+        if line.count(q) % 2:
+            if line.startswith(q):
+                line = line[1:].strip()
+            elif line.endswith(q) and q == '"':  # a trailing ' may be a possessive or an elision
+                line = line[:-1].strip()
+    return line

@@ -259,3 +259,15 @@ def test_first_line_stops_a_row_once_a_non_blank_line_has_ended() -> None:
     ids = torch.tensor([[9, 9, i] for i in range(len(texts))])  # two prompt tokens, then the row's text
     done = FirstLine(tok, prompt_len=2)(ids, torch.zeros(len(texts), 3))
     assert done.tolist() == [True, False, False, False, True]
+
+
+@pytest.mark.parametrize(("answer", "want"), [
+    ('the word "colour"', 'the word "colour"'),
+    ('"the word "colour""', 'the word "colour"'),
+    ("'numbers'", "numbers"),
+    ('"days of the week', "days of the week"),
+    ('days of the week"', "days of the week"),
+    ("the players' names", "the players' names"),
+])
+def test_clean_label_keeps_inner_quotes(answer: str, want: str) -> None:
+    assert clean_label(answer) == want
