@@ -17,7 +17,7 @@ from bench.report import configurations, item_means, main_metric, paired, summar
 log = logging.getLogger(__name__)
 
 _PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
-METHOD_COLORS = {"snmf": "#1b9e77", "sae": "#d95f02", "dim": "#7570b3"}
+METHOD_COLORS = {"snmf": "#1b9e77", "sae": "#d95f02", "dim": "#7570b3", "dim-snmf": "#7570b3", "sae-act": "#e6ab02"}
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 _LINES = ["-", "--", ":", "-."]
 

@@ -242,8 +242,20 @@ def _runtime(run: Path) -> str:
 
 @block("default-runtime")
 def default_runtime() -> str:
-    """Wall and CPU time of each start of the default run (env.json)."""
-    return _runtime(DEFAULT_RUN)
+    """Wall and CPU time of each start of the default run (env.json), then the units' seconds per task and method
+    (units.jsonl; a fit unit's seconds are only its record-writing, the fit itself is in its `fit_seconds`)."""
+    from bench.results import read_jsonl
+
+    units = pd.DataFrame(read_jsonl(DEFAULT_RUN / "units.jsonl"))
+    parts = units["unit"].str.split("|", expand=True)
+    units["method"], units["task"] = parts[2], parts[3]
+    fits = _frame(DEFAULT_RUN)
+    fits = fits[(fits["task"] == "fit") & (fits["metric"] == "fit_seconds")].groupby("method")["value"].sum()
+    table = units[units["task"] != "fit"].pivot_table(index="task", columns="method", values="seconds", aggfunc="sum")
+    table.loc["fit"] = fits
+    table["all methods"] = table.sum(axis=1)
+    table = table.reset_index().rename(columns={"task": "seconds (3 layers)"})
+    return _runtime(DEFAULT_RUN) + "\n" + table.to_markdown(index=False, floatfmt=".0f") + "\n"
 
 
 @block("concepts-runtime")

@@ -27,7 +27,7 @@ def records() -> pd.DataFrame:
 
 def test_the_default_run_is_the_feature_centric_protocol_on_every_method(records: pd.DataFrame) -> None:
     assert set(records["task"]) - {"fit"} == TASKS
-    assert set(records["method"]) == {"dim", "sae", "snmf"} and records["layer"].nunique() == 3
+    assert set(records["method"]) == {"dim-snmf", "sae", "snmf"} and records["layer"].nunique() == 3
     steer = records[(records["task"] == "feature_steering") & (records["metric"] == "reached")]
     assert set(steer["sign"]) == {1, -1} and steer["kl_target"].nunique() >= 3
     scored = records[(records["task"] == "feature_steering") & (records["metric"] == "score")]
@@ -60,6 +60,17 @@ def test_report_writes_the_papers_tables_from_the_committed_run(tmp_path: Path) 
     assert {"feature_steering_by_kl", "feature_detection_scd", "paired_differences"} <= {
         p.stem for p in figs.glob("*.png")}
     labels = pd.read_csv(tmp_path / "feature_labels.csv")
-    assert set(labels["method"]) == {"dim", "sae", "snmf"}, "the committed samples carry every feature's labels"
+    assert set(labels["method"]) == {"dim-snmf", "sae", "snmf"}, "the committed samples carry every feature's labels"
     comp = pd.read_csv(tmp_path / "paired.csv")
     assert set(comp.loc[comp["task"] == "feature_steering", "design"]) == {"independent"}
+
+
+def test_the_committed_default_run_is_the_shipped_default_config() -> None:
+    """results/default was made by `bench run` with the shipped default.toml as it is now (rerun it when it changes)."""
+    import json
+
+    from bench.config import RunConfig
+
+    stored = RunConfig.from_dict({k: v for k, v in json.loads((DEFAULT / "config.json").read_text()).items()
+                                  if k != "run_id"})
+    assert stored.to_dict() == RunConfig.load().to_dict()
