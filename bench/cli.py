@@ -67,14 +67,21 @@ def _parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="analyses beyond the leaderboard")
     a.add_argument("what", choices=["hierarchy"])
-    a.add_argument("--model", default="gemma-3-270m-gguf")
-    a.add_argument("--layer", default="middle", help="an int or early/middle/late")
-    a.add_argument("--ks", default="10,20,50,100", help="SNMF sizes, comma list")
-    a.add_argument("--concepts", help="concept data (default: shipped)")
-    a.add_argument("--max-iter", type=int, default=200, dest="max_iter")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--device", default="auto")
-    a.add_argument("--out", default="results/hierarchy")
+    a.add_argument("--preset", help="cpu (default) | paper-hierarchy (GPT-2-large layer 8, the reference's settings)")
+    a.add_argument("--model", help="model id (default: the preset's)")
+    a.add_argument("--layer", help="an int or early/middle/late (default: the preset's)")
+    a.add_argument("--ranks", help="recursive SNMF sizes per level, finest first, comma list (e.g. 400,200,100,50)")
+    a.add_argument("--fine-tune-steps", type=int, dest="fine_tune_steps")
+    a.add_argument("--sparsity", type=float, help="fraction of d_mlp kept per feature (default: the preset's, 0.01)")
+    a.add_argument("--ks", help="instead: the cross-k analysis (flat SNMF at each k, Jaccard links), comma list")
+    a.add_argument("--concepts", help="concept data (default: shipped; hierarchical for the recursive analysis)")
+    a.add_argument("--concept-columns", dest="concept_columns", metavar="OURS=THEIRS,...",
+                   help="file columns: text, concept, split, parent, token (e.g. text=prompt,concept=label)")
+    a.add_argument("--max-iter", type=int, dest="max_iter")
+    a.add_argument("--seed", type=int)
+    a.add_argument("--device")
+    a.add_argument("--out", help="default: results/hierarchy/recursive (results/hierarchy with --ks)")
+    a.add_argument("--figures", metavar="DIR", help="also write the PNG figures to DIR")
 
     pf = sub.add_parser("perf", help="run a speed benchmark of benchmarks/ (source checkout): ratios vs a baseline")
     pf.add_argument("name", nargs="?", help="benchmark name (file stem in benchmarks/); omit to list them")
@@ -201,6 +208,19 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    if args.ks is None:
+        from bench.hier_concepts import HierConcepts
+        from bench.hierarchy_recursive import run, settings
+
+        ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
+        s = settings(args.preset, model=args.model, layer=args.layer, ranks=ranks, max_iter=args.max_iter,
+                     sparsity=args.sparsity, fine_tune_steps=args.fine_tune_steps, seed=args.seed, device=args.device)
+        concepts = HierConcepts.load(args.concepts, args.concept_columns, seed=s.seed)
+        out = Path(args.out or "results/hierarchy/recursive")
+        summary = run(s, concepts, out, Path(args.figures) if args.figures else None)
+        sys.stdout.write(f"{summary['n_nodes']} nodes, {summary['n_parents']} parents, {summary['n_families']} "
+                         f"intervention families in {summary['wall_seconds']:.0f} s; records in {out}\n")
+        return 0
     from bench import hierarchy
     from bench.activations import ActivationCache
     from bench.data import ConceptData
@@ -209,16 +229,16 @@ def _analyze(args: argparse.Namespace) -> int:
     from bench.sites import Site, n_layers, resolve_layers
 
     concepts = ConceptData.load(args.concepts)
-    model, tok, prov = load(args.model, resolve_device(args.device))
-    layer = resolve_layers([args.layer], n_layers(model))[0]
+    model, tok, prov = load(args.model or "gemma-3-270m-gguf", resolve_device(args.device or "auto"))
+    layer = resolve_layers([args.layer or "middle"], n_layers(model))[0]
     train = concepts.split("train")
     site = Site(layer, "mlp")
     acts = ActivationCache().get(model, tok, args.model, prov["revision"], train.texts, [site])[site]
     acts = acts.with_labels(train.labels(), concepts.concepts)
     kinds = dict(zip(concepts.frame["concept"], concepts.frame.get("kind", concepts.frame["concept"]), strict=True))
     ks = [int(k) for k in args.ks.split(",")]
-    result = hierarchy.analyze(acts, kinds, ks, seed=args.seed, max_iter=args.max_iter)
-    paths = hierarchy.write(result, Path(args.out))
+    result = hierarchy.analyze(acts, kinds, ks, seed=args.seed or 0, max_iter=args.max_iter or 200)
+    paths = hierarchy.write(result, Path(args.out or "results/hierarchy"))
     sys.stdout.write(result.coherence.to_markdown(index=False, floatfmt=".3f") + "\n")
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     return 0

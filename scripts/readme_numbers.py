@@ -293,6 +293,80 @@ def hierarchy_table() -> str:
     return t.to_markdown(index=False, floatfmt=".3f") + "\n"
 
 
+RECURSIVE = HIERARCHY / "recursive"
+
+
+@block("hierarchy-recursive-fit")
+def hierarchy_recursive_fit() -> str:
+    """`bench analyze hierarchy --out results/hierarchy/recursive`: the recursive SNMF fit and the run's time."""
+    import json
+
+    s = json.loads((RECURSIVE / "summary.json").read_text())
+    m, st = s["fit_metrics"], s["settings"]
+    levels = " · ".join(f"level {i + 1}: k = {r}, rel. error {m[f'rel_error_level{i + 1}']:.3f}"
+                        for i, r in enumerate(st["ranks"]))
+    secs = ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items())
+    return (f"{s['model']} layer {s['layer']}, {s['n_tokens']:,} tokens of {s['n_sentences']} sentences; {levels}.\n"
+            f"Stacked reconstruction MSE {m['stack_mse_before']:.4g} before and {m['stack_mse_after']:.4g} after "
+            f"{st['fine_tune_steps']} fine-tuning steps (lr {st['fine_tune_lr']:g}). Tree: {s['n_nodes']} nodes, "
+            f"{s['n_parents']} parents with 2-4 children, {s['n_families']} parents tested by intervention. "
+            f"Wall time {s['wall_seconds'] / 60:.1f} min, CPU time {s['cpu_seconds'] / 60:.1f} min, {s['threads']} "
+            f"threads ({secs}).\n")
+
+
+@block("hierarchy-recursive-groups")
+def hierarchy_recursive_groups() -> str:
+    """Neuron groups per level of the parent: core and sibling overlap against the permutation null."""
+    g = pd.read_csv(RECURSIVE / "neuron_groups.csv")
+    g["level"] = g["parent"].str.extract(r"L(\d+):")[0].astype(int)
+    rows = [{"parent level": int(lv), "parents": len(t), "children (mean)": f"{t['n_children'].mean():.1f}",
+             "support (mean)": f"{t['support_mean'].mean():.1f}",
+             "core: observed / null": f"{t['core'].mean():.2f} / {t['core_null'].mean():.2f}",
+             "core p < 0.05": f"{(t['core_p'] < 0.05).mean():.0%}",
+             "shared (≥ 2): observed / null": f"{t['shared'].mean():.2f} / {t['shared_null'].mean():.2f}",
+             "shared p < 0.05": f"{(t['shared_p'] < 0.05).mean():.0%}",
+             "exclusive: observed / null": f"{t['exclusive_mean'].mean():.1f} / {t['exclusive_null'].mean():.1f}",
+             "sibling Jaccard: observed / null": f"{t['sibling_jaccard'].mean():.3f} / "
+                                                 f"{t['sibling_jaccard_null'].mean():.3f}",
+             "sibling Jaccard p < 0.05": f"{(t['sibling_jaccard_p'] < 0.05).mean():.0%}"}
+            for lv, t in g.groupby("level", sort=False)]
+    o = pd.read_csv(RECURSIVE / "level_overlap.csv").dropna(subset=["p"])
+    lv_rows = [{"level": int(r.level), "features": int(r.n_features), "sibling pairs": int(r.n_sibling_pairs),
+                "sibling Jaccard": f"{r.sibling_jaccard:.3f}", "other pairs": f"{r.other_jaccard:.3f}",
+                "null mean [97.5%]": f"{r.null_jaccard:.3f} [{r.null_hi:.3f}]", "p": _p(r.p)}
+               for r in o.itertuples()]
+    return _markdown(pd.DataFrame(rows)) + "\n" + _markdown(pd.DataFrame(lv_rows))
+
+
+@block("hierarchy-recursive-intervention")
+def hierarchy_recursive_intervention() -> str:
+    """Per tested parent: the core group's effect on its children's tokens, and whether each exclusive group
+    raises its own child's token most (logit change minus the null mean of random neuron sets)."""
+    t = pd.read_csv(RECURSIVE / "intervention.csv", keep_default_na=False, na_values=[""])
+    t["eff"] = t["logit_change"] - t["null_mean"]
+    rows = []
+    for p, g in t.groupby("parent", sort=False):
+        core = g[g["group"] == "core"]
+        shared = g[g["group"] == "shared"]
+        excl = g[g["group"] == "exclusive"]
+        own = excl[excl["own"].astype(str) == "True"]
+        wins = [int(grp["eff"].idxmax() in set(grp.index[grp["own"].astype(str) == "True"]))
+                for _, grp in excl.groupby("group_child") if (grp["own"].astype(str) == "True").any()]
+        sib = excl[excl["sibling"].astype(str) == "True"]
+        rows.append({"parent": f"{p} ({g['parent_label'].iloc[0]})",
+                     "children (tokens)": ", ".join(dict.fromkeys(g["token"].str.strip())),
+                     "core size": int(core["group_size"].iloc[0]) if len(core) else 0,
+                     "core: mean effect": f"{core['eff'].mean():+.3f}" if len(core) else "–",
+                     "core: tokens p < 0.05": f"{(core['p'] < 0.05).sum()}/{len(core)}" if len(core) else "–",
+                     "shared size": int(shared["group_size"].iloc[0]) if len(shared) else "–",
+                     "shared: mean effect": f"{shared['eff'].mean():+.3f}" if len(shared) else "–",
+                     "shared: tokens p < 0.05": f"{(shared['p'] < 0.05).sum()}/{len(shared)}" if len(shared) else "–",
+                     "exclusive: own / sibling effect": (f"{own['eff'].mean():+.3f} / {sib['eff'].mean():+.3f}"
+                                                         if len(own) else "–"),
+                     "own token raised most": f"{sum(wins)}/{len(wins)}" if wins else "–"})
+    return _markdown(pd.DataFrame(rows))
+
+
 PERF = ROOT / "results" / "perf"
 _IMPLS = {"featbench": "featbench `snmf`", "fb-mkl": "featbench `snmf`, dense product on torch's default kernel",
           "plain": "the reference's structure, written plainly", "reference": "the paper's `factorization/seminmf.py`"}

@@ -16,6 +16,7 @@ registry.discover()
 FAST = {
     "snmf": {"n_features": 6, "max_iter": 30},
     "sae": {"d_sae": 16, "k": 4, "n_steps": 50},
+    "snmf_deep": {"ranks": (6, 3), "max_iter": 30, "fine_tune_steps": 10},
 }
 
 
