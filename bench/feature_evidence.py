@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.activations import Activations
+from bench.features import running_topk
 from bench.protocols import FeatureMethod
 from bench.sites import Site, arch_of, layers_of
 
@@ -37,15 +38,7 @@ def top_codes(method: FeatureMethod, acts: Activations, features: Sequence[int],
         if found is not None:
             return found
         log.warning("labels: the kept SNMF codes do not point into these activations; encoding them instead")
-    vals = torch.full((len(feats), 0), float("-inf"))
-    idx = torch.zeros(len(feats), 0, dtype=torch.long)
-    start = 0
-    for x in acts.iter_chunks(ENCODE_CHUNK):
-        z = method.encode(x)[:, feats].float().cpu().T  # [f, chunk]
-        here = torch.arange(start, start + len(x)).expand(len(feats), -1)
-        vals, pick = torch.cat([vals, z], 1).topk(min(n_top, vals.shape[1] + z.shape[1]), dim=1)
-        idx = torch.cat([idx, here], 1).gather(1, pick)
-        start += len(x)
+    vals, idx = running_topk(method, acts, feats.tolist(), n_top, ENCODE_CHUNK)
     pad = n_top - vals.shape[1]
     if pad > 0:
         vals = torch.cat([vals, torch.full((len(feats), pad), float("-inf"))], 1)

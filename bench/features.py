@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,16 +15,44 @@ from bench.activations import Activations
 from bench.protocols import Context, FeatureMethod
 from bench.sites import Site, arch_of, layers_of
 
+ENCODE_CHUNK = 4096  # tokens per encode() call of the batched helpers
 
-def pooled_codes(method: FeatureMethod, acts: Activations, how: str = "max", chunk: int = 4096) -> Tensor:
-    """Encode tokens in chunks and pool per prompt: [n_prompts, n_features] (max or mean over tokens)."""
+
+def encoded(method: FeatureMethod, acts: Activations, features: Sequence[int] | None = None,
+            chunk: int = ENCODE_CHUNK) -> Iterator[tuple[int, Tensor]]:
+    """`method.encode` over `acts` in batches of `chunk` tokens, streamed from the store when `acts` are on disk:
+    (first token index, codes [<=chunk, n_features] float32 on the CPU, or only the columns `features`). Callers
+    reduce each batch (pool, max, top-k), so no [n_tokens, n_features] tensor exists."""
+    cols = None if features is None else torch.as_tensor(list(features), dtype=torch.long)
+    start = 0
+    for x in acts.iter_chunks(chunk):
+        z = method.encode(x)
+        yield start, (z if cols is None else z[:, cols]).float().cpu()
+        start += len(x)
+
+
+def running_topk(method: FeatureMethod, acts: Activations, features: Sequence[int], k: int,
+                 chunk: int = ENCODE_CHUNK) -> tuple[Tensor, Tensor]:
+    """The `k` largest codes of each of `features` over `acts`, descending, by a running top-k over batches:
+    (values [f, k'], token indices into `acts` [f, k']) with k' = min(k, len(acts))."""
+    vals = torch.full((len(features), 0), float("-inf"))
+    idx = torch.zeros(len(features), 0, dtype=torch.long)
+    for start, z in encoded(method, acts, features, chunk):
+        here = torch.arange(start, start + len(z)).expand(len(features), -1)  # [f, b], no copy
+        vals, pick = torch.cat([vals, z.T], 1).topk(min(k, vals.shape[1] + len(z)), dim=1)
+        idx = torch.cat([idx, here], 1).gather(1, pick)
+    return vals, idx
+
+
+def pooled_codes(method: FeatureMethod, acts: Activations, how: str = "max", chunk: int = ENCODE_CHUNK) -> Tensor:
+    """Encode tokens in chunks (streamed from the store) and pool per prompt: [n_prompts, n_features] (max or mean
+    over tokens)."""
     if how not in ("max", "mean"):
         raise ValueError(f"unknown pooling {how!r}; valid: max, mean")
     out: Tensor | None = None
     counts = torch.bincount(acts.prompt_idx, minlength=acts.n_prompts).clamp(min=1)[:, None].float()
-    for start in range(0, len(acts), chunk):
-        z = method.encode(acts.x[start : start + chunk]).float().cpu()  # [chunk, k]
-        idx = acts.prompt_idx[start : start + chunk, None].expand_as(z)
+    for start, z in encoded(method, acts, None, chunk):  # z [chunk, k]
+        idx = acts.prompt_idx[start : start + len(z), None].expand_as(z)
         if out is None:
             fill = float("-inf") if how == "max" else 0.0
             out = torch.full((acts.n_prompts, z.shape[1]), fill)
@@ -76,20 +105,25 @@ def match_concepts(method: FeatureMethod, ctx: Context, pool: str = "max") -> di
     return matches
 
 
-def mean_norm(acts: Activations) -> float:
-    """Mean L2 norm of the activations at a site (the scale of steering factors)."""
-    return float(acts.x.float().norm(dim=-1).mean())
+def mean_norm(acts: Activations, chunk: int | None = None) -> float:
+    """Mean L2 norm of the activations at a site (the scale of steering factors), streamed in chunks (default: a
+    chunk is at most 1/8 of the memory budget)."""
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    for x in acts.iter_chunks(chunk or acts.chunk_tokens(itemsize=4)):
+        total += x.float().norm(dim=-1).double().sum()
+        n += len(x)
+    return float(total / n) if n else float("nan")
 
 
-def max_activations(method: FeatureMethod, acts: Activations, features: list[int], chunk: int = 4096) -> Tensor:
+def max_activations(method: FeatureMethod, acts: Activations, features: list[int], chunk: int = ENCODE_CHUNK
+                    ) -> Tensor:
     """The largest activation (`method.encode`) of each of `features` over every token of `acts`: [len(features)].
 
     axbench's `max_act`, the scale of its steering factors: the maximum over a concept's latent-evaluation
     examples and their tokens (BOS and padding excluded, as `acts` holds them) of the feature's latent value.
     Empty `acts` give -inf."""
     out = torch.full((len(features),), float("-inf"))
-    for start in range(0, len(acts), chunk):
-        z = method.encode(acts.x[start : start + chunk])[:, features].float().cpu()  # [chunk, len(features)]
+    for _, z in encoded(method, acts, features, chunk):  # [chunk, len(features)]
         out = torch.maximum(out, z.amax(0))
     return out
 

@@ -12,12 +12,15 @@
   wins, and a target never hit is unreached (NaN), never replaced. Each step is one batched forward over the
   prompts with an alpha per row; rows that share a direction and a midpoint (every target's first steps) are
   computed once.
+- `mean_kl()` / `geometric_kl_alphas()`: the concept-centric task's KL calibration (geometric bisection of one alpha per
+  direction and target), reduced per batch of (vector, prompt) rows: never a [rows, prompts, vocab] tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from torch import Tensor
 from bench.hooks import steer
 from bench.sites import Site
 
+log = logging.getLogger(__name__)
 EPS = 1e-8  # the reference's KL smoothing: sum p * (log(p + eps) - log(q + eps))
 
 
@@ -287,3 +291,64 @@ def calibrate(model: Any, site: Site, prompts: Sequence[Sequence[int]], directio
     included; KL averaged over prompts) by the target KL. See `bisect` and `Calibration`."""
     probe = KLProbe(model, site, prompts, directions, batch_size, pad_id, device)
     return bisect(probe, dir_index.long(), targets, bisection)
+
+
+# ----------------------------------------------------------------------------------------------- mean KL, per batch
+def mean_kl(model: Any, site: Site, ids: Tensor, mask: Tensor, base: Tensor, vectors: Tensor, batch_size: int = 32,
+            device: str | torch.device = "cpu") -> Tensor:
+    """Mean over prompts of KL(unsteered || steered) of the next token after left-padded prompts ids [P, t] (mask
+    [P, t]), for each steering vector: vectors [r, d_site] -> [r] (float32). `base` [P, V]: the unsteered
+    log-probabilities. Rows (vector, prompt), vector-major, run `batch_size` at a time and each batch is reduced to
+    its KLs at once, so memory holds [batch_size, V], never [r, P, V]."""
+    n_p, r = len(ids), len(vectors)
+    p = base.exp()
+    out = torch.empty(r * n_p)
+    for start in range(0, r * n_p, batch_size):
+        rows = torch.arange(start, min(start + batch_size, r * n_p))
+        pair, prompt = rows // n_p, rows % n_p
+        vec = vectors[pair][:, None, :].to(device)  # [b, 1, d]
+        with steer(model, site, vec), torch.no_grad():
+            logits = model(input_ids=ids[prompt.to(ids.device)], attention_mask=mask[prompt.to(mask.device)],
+                           position_ids=positions(mask[prompt.to(mask.device)]), use_cache=False).logits
+        steered = torch.log_softmax(logits[:, -1].float(), -1).cpu()  # [b, V]
+        out[rows] = (p[prompt] * (base[prompt] - steered)).sum(-1)
+    return out.view(r, n_p).mean(-1)
+
+
+def geometric_kl_alphas(model: Any, tokenizer: Any, site: Site, directions: Tensor, targets: Sequence[float],
+                        prompts: Sequence[str], norm: float, batch_size: int = 32, device: str = "cpu",
+                        iters: int = 10) -> tuple[Tensor, Tensor]:
+    """Per direction ([c, d_site], unit rows) and KL target: the alpha where the mean next-token KL(unsteered ||
+    steered) at the end of `prompts` reaches the target, by geometric bisection in [norm/64, norm*64] (the
+    concept-centric steering task's `calibration=kl`). Every step reduces per batch (`mean_kl`).
+
+    Returns (alphas [c, k], KL reached [c, k]). A target beyond reach gives the bracket's end (logged)."""
+    c, k = directions.shape[0], len(targets)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=64).to(device)
+    finally:
+        tokenizer.padding_side = side
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+    base = torch.log_softmax(logits[:, -1].float(), -1).cpu()  # [P, V]
+    unit = directions.float().cpu().repeat_interleave(k, 0)  # [c*k, d]
+    target = torch.tensor(list(targets), dtype=torch.float32).repeat(c)  # [c*k]
+
+    def kl(alpha: Tensor) -> Tensor:  # [c*k] -> [c*k]
+        return mean_kl(model, site, ids, mask, base, unit * alpha[:, None], batch_size, device)
+
+    lo, hi = torch.full((c * k,), norm / 64), torch.full((c * k,), norm * 64)
+    for _ in range(iters):
+        mid = (lo * hi).sqrt()
+        below = kl(mid) < target
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    alpha = (lo * hi).sqrt()
+    reached = kl(alpha)
+    missed = reached < 0.95 * target
+    if bool(missed.any()):
+        log.warning("steering: %d of %d KL targets not reached (largest %.3g nats, reached %.3g at alpha = 64 x "
+                    "mean norm); the site's effect saturates", int(missed.sum()), len(target),
+                    float(target[missed].max()), float(reached[missed].max()))
+    return alpha.view(c, k), reached.view(c, k)

@@ -45,7 +45,7 @@ class DiffInMeans:
         contrast = labels.dtype != torch.bool and bool((labels < 0).any())
         pos = (labels > 0).float()  # [n, c]
         neg = (labels < 0).float() if contrast else (labels <= 0).float()  # [n, c]
-        d_site = acts.x.shape[1]
+        d_site = acts.d
         sums = torch.zeros(2, labels.shape[1], d_site, dtype=torch.float64)  # [2, c, d]
         start = 0
         for chunk in acts.iter_chunks(self.chunk_tokens):  # [<=chunk, d]

@@ -41,9 +41,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +54,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bench import Activations, Site, register_method
+from bench.activations import cache_root, memory_budget
+from bench.store import pread_into
 
 log = logging.getLogger(__name__)
 INITS = ("random", "svd", "kmeans")
@@ -64,6 +69,7 @@ KMEANS_ITER, KMEANS_OFFSET = 15, 0.2
 ENCODE_BATCH = 8192
 KEEP_TOP = 100  # largest codes of Y kept per feature after the fit (for labels: the paper's top 25)
 USE_ONEDNN = True  # float32 A Y^T on CPU through oneDNN (strict float32); False: torch's default (MKL)
+STREAM_CHUNK_BYTES = 64 * 2**20  # chunk size of a fit that streams A from the store by itself (chunk_tokens=None)
 
 
 @register_method("snmf")
@@ -82,7 +88,7 @@ class SNMF:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | float64
-    chunk_tokens: int | None = None  # None: A in memory; else stream tokens in chunks of this size
+    chunk_tokens: int | None = None  # None: A in memory, or streamed when on disk and over memory_budget(); else chunks
     encode_iter: int = 100  # multiplicative updates of Y per encode() call
 
     def fit(self, acts: Activations) -> SNMF:
@@ -95,7 +101,7 @@ class SNMF:
         if limit is not None and k > limit:
             raise ValueError(f"init={self.init!r} needs n_features <= {limit} here (n_tokens={n}, d={d}); "
                              "lower n_features or use init='random'")
-        y = self._init_y(data, n, d)  # [k, n]
+        y = self._init_y(data, n, d)  # Y [k, n], in memory or (streamed fits) in a temp file
         m, c = _sweep(data, y)  # A Y^T [d, k], Y Y^T [k, k]
         best, best_z, best_y, stall, n_iter = math.inf, None, None, 0, 0
         eye = torch.eye(k, dtype=torch.float64, device=c.device)
@@ -109,7 +115,7 @@ class SNMF:
             m, c = _sweep(data, y, z, idx, nrm)
             loss = _loss(sq, z, m, c)
             if loss < best - self._margin(best):
-                best, best_z, best_y, stall = loss, z.clone(), y.clone(), 0
+                best, best_z, best_y, stall = loss, z.clone(), y.best(), 0
             else:
                 stall += 1
             bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
@@ -119,6 +125,7 @@ class SNMF:
             raise FloatingPointError("snmf loss is not finite: check acts.x for NaN/inf, try dtype='float64'")
         self.directions_ = best_z.T.to("cpu", torch.float32).contiguous()  # [k, d]
         self._keep_top(acts, best_y)
+        y.close()
         self.fit_metrics_ = {
             "loss": best, "rel_error": math.sqrt(max(best, 0.0) / sq) if sq > 0 else 0.0,
             "n_iter": float(n_iter), "fit_seconds": time.perf_counter() - t0,
@@ -147,11 +154,12 @@ class SNMF:
             out.append(g.to(x.device, torch.float32))
         return torch.cat(out)
 
-    def _keep_top(self, acts: Activations, y: Tensor) -> None:
+    def _keep_top(self, acts: Activations, y: Tensor | tuple[Tensor, Tensor]) -> None:
         """Keep the KEEP_TOP largest codes of the best iterate's Y per feature, and where their tokens are, as
         learned state: `top_codes_` [k, t] (descending), `top_prompt_`, `top_position_` [k, t] int64 (the
-        token's `acts.prompt_idx` and `acts.position`), so a feature's top tokens come from the fit itself."""
-        vals, idx = y.topk(min(KEEP_TOP, y.shape[1]), dim=1)  # [k, t]
+        token's `acts.prompt_idx` and `acts.position`), so a feature's top tokens come from the fit itself.
+        `y`: the best Y [k, n], or (streamed fits) its running top (values, token indices) [k, t]."""
+        vals, idx = y if isinstance(y, tuple) else y.topk(min(KEEP_TOP, y.shape[1]), dim=1)  # [k, t]
         idx = idx.cpu()
         self.top_codes_ = vals.to("cpu", torch.float32).contiguous()
         self.top_prompt_ = acts.prompt_idx.long()[idx].contiguous()
@@ -190,11 +198,16 @@ class SNMF:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def _init_y(self, data: _Chunks, n: int, d: int) -> Tensor:
-        """Initial Y [k, n] on the fit device, drawn from `seed` on the CPU."""
+    def _init_y(self, data: _Chunks, n: int, d: int) -> _Codes:
+        """Initial Y [k, n] on the fit device (or in its file), drawn from `seed` on the CPU."""
         k, g = self.n_features, torch.Generator().manual_seed(self.seed)
-        if self.init == "random":  # the reference's torch.rand(n, k) after torch.manual_seed(seed)
-            return torch.rand(n, k, generator=g).clamp_min(EPS).T.contiguous().to(data.device, data.dtype)
+        y = _Codes(k, n, data.dtype, data.device, data.streams)
+        if self.init == "random":  # the reference's torch.rand(n, k) after torch.manual_seed(seed), drawn in chunks
+            step = data.chunk_tokens or n
+            for start in range(0, n, step):
+                b = min(step, n - start)
+                y.put(start, torch.rand(b, k, generator=g).clamp_min(EPS).T.to(data.device, data.dtype))
+            return y
         if self.init == "svd":  # A = U S V^T; Y = max(sqrt(S) V^T, eps) = max(S^-1/2 U^T A, eps)
             gram, colsum = torch.zeros(d, d, dtype=torch.float64, device=data.device), 0
             for _, a in data:
@@ -204,28 +217,30 @@ class SNMF:
             lam, u = lam.flip(0)[:k].clamp_min(1e-12), u.flip(1)[:, :k]
             u = u * torch.sign(colsum @ u + 1e-30)  # right singular vectors sum positive
             w = (u / lam.pow(0.25)).T.to(data.dtype)  # [k, d] = S^-1/2 U^T
-            return torch.cat([(w @ a).clamp_min(EPS) for _, a in data], dim=1)
+            for start, a in data:
+                y.put(start, (w @ a).clamp_min(EPS))
+            return y
         pick = torch.randperm(n, generator=g)[: 2 * k].to(data.device)  # k centres + k spares
         pool = torch.zeros(d, len(pick), dtype=data.dtype, device=data.device)
         for start, a in data:
             hit = ((pick >= start) & (pick < start + a.shape[1])).nonzero().squeeze(1)
             pool[:, hit] = a[:, pick[hit] - start]
         cent, spare = pool[:, :k].T.clone(), iter(pool[:, k:].T)  # [k, d]
-        labels = torch.zeros(n, dtype=torch.long, device=data.device)
-        for _ in range(KMEANS_ITER):
+        for it in range(KMEANS_ITER):
             sums, counts = torch.zeros_like(cent), torch.zeros(k, dtype=data.dtype, device=data.device)
             c2 = (cent * cent).sum(1, keepdim=True)
             for start, a in data:
                 lab = (c2 - 2 * cent @ a).argmin(0)  # [b] nearest centre
-                labels[start : start + len(lab)] = lab
+                if it == KMEANS_ITER - 1:  # Y from the last assignment: indicators + offset
+                    ind = torch.full((k, len(lab)), KMEANS_OFFSET, dtype=data.dtype, device=data.device)
+                    y.put(start, ind.scatter_(0, lab[None], 1 + KMEANS_OFFSET))
                 sums.index_add_(0, lab, a.T)
                 counts += torch.bincount(lab, minlength=k).to(counts)
             empty = (counts == 0).nonzero().squeeze(1).tolist()
             cent = sums / counts.clamp_min(1)[:, None]
             for j in empty:
                 cent[j] = next(spare, cent[j])
-        y = torch.full((k, n), KMEANS_OFFSET, dtype=data.dtype, device=data.device)
-        return y.scatter_(0, labels[None], 1 + KMEANS_OFFSET)
+        return y
 
 
 @functools.cache
@@ -249,11 +264,17 @@ def _dense_at(a: Tensor, y: Tensor) -> Tensor:
 
 class _Chunks:
     """A = acts.x.T as token chunks (start, [d, b]) on the fit device; on CPU contiguous, for the sparse
-    product. With chunk_tokens=None A is built once and kept; otherwise chunks are re-read on every pass
-    (from the cache file when acts.source is set)."""
+    product. With chunk_tokens=None A is built once and kept, unless acts are still on disk and larger than
+    `memory_budget()`: then they stream in chunks of STREAM_CHUNK_BYTES. Streamed chunks are re-read on every pass
+    (from the store when acts.source is set); a fit that streams from the store keeps Y in a file too (`streams`)."""
 
     def __init__(self, acts: Activations, chunk_tokens: int | None, device: torch.device, dtype: torch.dtype):
+        if chunk_tokens is None and acts.streams and acts.nbytes > memory_budget():
+            chunk_tokens = acts.chunk_tokens(STREAM_CHUNK_BYTES, dtype.itemsize)  # <= 1/8 of the budget
+            log.info("snmf: streaming %.1f GiB of activations in chunks of %d tokens", acts.nbytes / 2**30,
+                     chunk_tokens)
         self.acts, self.chunk_tokens, self.device, self.dtype = acts, chunk_tokens, device, dtype
+        self.streams = chunk_tokens is not None and acts.reads_source  # A from the store: Y goes to a file too
         self._whole: Tensor | None = None
         self.d = 0
 
@@ -291,26 +312,101 @@ def _loss(sq: float, z: Tensor, m: Tensor, c: Tensor) -> float:
 
 
 def _sweep(
-    data: _Chunks, y: Tensor, z: Tensor | None = None, idx: Tensor | None = None, nrm: Tensor | None = None
+    data: _Chunks, y: _Codes | Tensor, z: Tensor | None = None, idx: Tensor | None = None, nrm: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """One pass over A. With z ([d, k], non-zero at idx [s, k]) given, first updates Y in place:
     Y <- Y/nrm * sqrt((P+ + Q- Y/nrm) / (P- + Q+ Y/nrm + eps)), P = Z^T A, Q = Z^T Z.
     Returns A Y^T [d, k] and Y Y^T [k, k] of the new Y."""
-    k = y.shape[0]
-    m, c = y.new_zeros(data.d, k), y.new_zeros(k, k)
+    y = y if isinstance(y, _Codes) else _Codes.of(y)
+    k = y.k
+    m = torch.zeros(data.d, k, dtype=data.dtype, device=data.device)
+    c = torch.zeros(k, k, dtype=data.dtype, device=data.device)
+    y.begin()
     if z is not None:
         q = z.T @ z
         qp, qm = q.clamp_min(0) / nrm, q.clamp_max(0).neg_() / nrm  # Y/nrm folded into Q's columns
         flat, vals = idx.T.reshape(-1), z.gather(0, idx).T.reshape(-1)  # Z^T as k bags of s (row, value)
         offsets = torch.arange(0, idx.numel(), idx.shape[0], device=idx.device)
     for start, a in data:
-        yc = y[:, start : start + a.shape[1]]  # [k, b] view into y
+        yc = y.get(start, a.shape[1])  # [k, b]: a view into Y, or read from its file
         if z is not None:
             # P = Z^T A [k, b]: dense on a GPU; on CPU sparse, k*s*b multiply-adds reading s rows of a each
             p = z.T @ a if a.is_cuda else F.embedding_bag(flat, a, offsets, mode="sum", per_sample_weights=vals)
             num = torch.addmm(p.clamp_min(0), qm, yc)
             den = torch.addmm(p.clamp_max_(0).sub_(EPS), qp, yc, beta=-1)  # P- + eps + Q+ Y/nrm
             yc.div_(nrm[:, None]).mul_(num.div_(den).sqrt_())
+            y.put(start, yc)
         c.addmm_(yc, yc.T)
         m += _dense_at(a, yc)
     return m, c
+
+
+class _Codes:
+    """Y [k, n]: a tensor on the fit device, or, for a fit that streams A from the store, a temp file of [n, k] rows
+    (under the featbench cache, deleted on close) read and written a chunk at a time, so no stage holds all of Y. A
+    file also keeps the running top-KEEP_TOP (values, token indices) [k, t] per feature of the current pass."""
+
+    def __init__(self, k: int, n: int, dtype: torch.dtype, device: torch.device, in_file: bool) -> None:
+        self.k, self.n, self.dtype, self.device = k, n, dtype, device
+        self.y: Tensor | None = None if in_file else torch.empty(k, n, dtype=dtype, device=device)
+        self.top: tuple[Tensor, Tensor] | None = None
+        self._file = None
+        if in_file:
+            folder = cache_root() / "tmp"
+            folder.mkdir(parents=True, exist_ok=True)
+            self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - closed by close()
+            self._file.truncate(k * n * dtype.itemsize)
+
+    @classmethod
+    def of(cls, y: Tensor) -> _Codes:
+        """Codes around an existing Y [k, n] (updated in place)."""
+        codes = cls(y.shape[0], 0, y.dtype, y.device, False)
+        codes.y, codes.n = y, y.shape[1]
+        return codes
+
+    def get(self, start: int, b: int) -> Tensor:
+        """Y[:, start:start + b]: [k, b]."""
+        if self.y is not None:
+            return self.y[:, start : start + b]
+        assert self._file is not None
+        buf = torch.empty(b * self.k * self.dtype.itemsize, dtype=torch.uint8)
+        pread_into(self._file.fileno(), buf, start * self.k * self.dtype.itemsize, Path("<snmf codes>"))
+        return buf.view(self.dtype).view(b, self.k).T.to(self.device).contiguous()
+
+    def put(self, start: int, yc: Tensor) -> None:
+        """Store yc [k, b] as Y[:, start:start + b] (a view from `get` is already in place)."""
+        if self.y is not None:
+            view = self.y[:, start : start + yc.shape[1]]
+            if view.data_ptr() != yc.data_ptr():
+                view.copy_(yc)
+            return
+        assert self._file is not None
+        rows = yc.T.to("cpu").contiguous()  # [b, k]
+        raw, off = memoryview(rows.view(torch.uint8).numpy()).cast("B"), start * self.k * self.dtype.itemsize
+        done = 0
+        while done < len(raw):
+            done += os.pwritev(self._file.fileno(), [raw[done:]], off + done)
+        t = min(KEEP_TOP, self.n)
+        vals, idx = yc.topk(min(t, yc.shape[1]), dim=1)  # [k, t'] of this chunk
+        if self.top is not None:
+            vals, pick = torch.cat([self.top[0], vals], 1).topk(min(t, self.top[0].shape[1] + vals.shape[1]), dim=1)
+            idx = torch.cat([self.top[1], idx + start], 1).gather(1, pick)
+        else:
+            idx = idx + start
+        self.top = (vals, idx)
+
+    def begin(self) -> None:
+        """A new pass: its running top starts empty."""
+        self.top = None
+
+    def best(self) -> Tensor | tuple[Tensor, Tensor]:
+        """What the fit keeps of the current Y: a copy (in memory) or its top (file)."""
+        if self.y is not None:
+            return self.y.clone()
+        assert self.top is not None
+        return self.top
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -407,6 +407,27 @@ def perf_steer() -> str:
     return head + _markdown(pd.DataFrame(rows))
 
 
+@block("perf-memory")
+def perf_memory() -> str:
+    """`bench perf fit_memory --json results/perf/fit_memory.json`: peak RSS of streamed fits against data size."""
+    import json
+
+    g = json.loads((PERF / "fit_memory.json").read_text())
+    st = g["settings"]
+    rows = [{"method": r["method"], "tokens": f"{r['n_tokens']:,}", "x (float32)": f"{r['gib_x']:.1f} GiB",
+             "peak RSS": f"{r['peak_rss_mib'] / 1024:.2f} GiB", "seconds": f"{r['seconds']:.0f}",
+             "note": "refused by the limit: x loaded whole" if r["error"] else
+             ("streamed" if r["streamed"] else "x loaded whole")} for r in g["rows"]]
+    sizes = sorted({r["n_tokens"] for r in g["rows"]})
+    growth = [{"method": m, f"peak RSS growth {sizes[0]:,} → {sizes[-1]:,} tokens":
+               "-" if v["growth"] is None else f"{v['growth']:+.1%}",
+               "target (< 4 GiB, < +25%)": "met" if v["meets_target"] else "missed"} for m, v in g["summary"].items()]
+    head = (f"d = {st['d']:,}, SNMF k = {st['k']} ({st['iters']} iterations), DiM over {8} concepts; each fit in a "
+            f"fresh process under RLIMIT_DATA {st['limit_gb']:g} GiB; {st['cpus']} CPUs, {st['mem_total_gib']:g} GiB "
+            "RAM:\n\n")
+    return head + _markdown(pd.DataFrame(rows)) + "\n" + _markdown(pd.DataFrame(growth))
+
+
 @block("judge-validation")
 def judge_validation() -> str:
     """Agreement of the offline judge with hand labels (committed signals and labels; cross-validated)."""

@@ -23,6 +23,7 @@ from tests.conftest import FIXTURE_CONCEPTS
 
 TEXTS = ["The chef seared the steak.", "Stars shine at night.", "Bonjour mes amis."]
 SITES = [Site(0, "mlp"), Site(1, "resid")]
+SHARD = "shard-00000.safetensors"  # the first (here: only) shard of a store
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_meta_records_tokens_and_bytes(gpt2) -> None:  # noqa: ANN001
     acts = _get(cache, gpt2)
     meta = json.loads((_entry(cache, SITES[0]) / "meta.json").read_text())
     assert meta["n_tokens"] == len(acts[SITES[0]]) and meta["d"] == acts[SITES[0]].x.shape[1]
-    assert meta["bytes"] == (_entry(cache, SITES[0]) / "acts.safetensors").stat().st_size
+    assert meta["bytes"] == sum(f.stat().st_size for f in _entry(cache, SITES[0]).glob("shard-*.safetensors"))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage-header", "missing-meta", "wrong-shape-meta"])
@@ -61,7 +62,7 @@ def test_a_corrupt_entry_is_rebuilt_with_a_warning(gpt2, damage: str, caplog: py
     cache = ActivationCache()
     first = {s: a.x.clone() for s, a in _get(cache, gpt2).items()}
     folder = _entry(cache, SITES[0])
-    path = folder / "acts.safetensors"
+    path = folder / SHARD
     if damage == "truncate":
         _rewrite(path, path.read_bytes()[: path.stat().st_size // 2])
     elif damage == "garbage-header":
@@ -100,12 +101,13 @@ def test_write_fsyncs_file_and_directories_before_the_rename(gpt2, monkeypatch: 
     monkeypatch.setattr(os, "replace", replace)
     cache = ActivationCache()
     _get(cache, gpt2)
-    renames = [i for i, (kind, _) in enumerate(events) if kind == "replace"]
-    assert len(renames) == len(SITES)
+    renames = [i for i, (kind, dst) in enumerate(events) if kind == "replace" and Path(dst).parent == cache.root]
+    assert len(renames) == len(SITES)  # each entry is renamed into place once
     for i in renames:
         synced = [p for kind, p in events[:i] if kind == "fsync"]
-        assert len(synced) >= 3 * len(SITES[: renames.index(i) + 1])  # the file, meta.json, the temp directory
-        assert any(p.endswith("acts.safetensors") for p in synced)
+        assert len(synced) >= 3 * len(SITES[: renames.index(i) + 1])  # the shard, meta.json, the temp directory
+        assert any(p.endswith(SHARD) for p in synced)
+        assert any(p.endswith("meta.json") for p in synced)
     assert events[-1][0] == "fsync", "the cache directory is fsynced after the last rename"
 
 
@@ -139,7 +141,7 @@ def test_a_corrupt_entry_is_rebuilt_by_the_next_run(tmp_path: Path) -> None:
     args = ["run", "--models", "tiny:gpt2", "--layers", "0", "--methods", "dim", "--tasks", "detection",
             "--concepts", str(FIXTURE_CONCEPTS)]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
-    entries = sorted((cache_root() / "acts").glob("*/acts.safetensors"))
+    entries = sorted((cache_root() / "acts").glob(f"*/{SHARD}"))
     assert entries
     for path in entries:
         _rewrite(path, path.read_bytes()[:100])  # what a power loss mid-write without fsync leaves
