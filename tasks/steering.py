@@ -77,6 +77,7 @@ from bench.features import match_concepts, max_activations, mean_norm, steering_
 from bench.hooks import steer
 from bench.judge import Item, Ratings
 from bench.sites import Site
+from bench.steer import geometric_kl_alphas
 
 log = logging.getLogger(__name__)
 CALIBRATIONS = ("factor", "kl")
@@ -298,8 +299,8 @@ class Steering:
         prompts = load_lines(None, "neutral.jsonl")["text"].tolist()[: self.n_kl_prompts]
         dirs = torch.stack(list(unit.values()))  # [c, d] unit
         targets = sorted(self.kl_targets)
-        alphas, kls = kl_alphas(ctx.model, ctx.tokenizer, site, dirs, targets, prompts, norm,
-                                self.batch_size, ctx.device)  # [c, k]
+        alphas, kls = geometric_kl_alphas(ctx.model, ctx.tokenizer, site, dirs, targets, prompts, norm,
+                                          self.batch_size, ctx.device)  # [c, k]; reduced per batch
         return {c: [Candidate(float(alphas[i, k]), float(alphas[i, k]) / scales[c], t, float(kls[i, k]))
                     for k, t in enumerate(targets)] for i, c in enumerate(unit)}
 
@@ -402,6 +403,9 @@ def kl_alphas(model: Any, tokenizer: Any, site: Site, directions: Tensor, target
               norm: float, batch_size: int = 32, device: str = "cpu", iters: int = 10) -> tuple[Tensor, Tensor]:
     """Per direction ([c, d_site], unit rows) and KL target: the alpha where the mean next-token KL(unsteered ||
     steered) at the end of `prompts` reaches the target, by geometric bisection in [norm/64, norm*64].
+
+    The plain form, holding [c * k, prompts, vocab] log-probabilities: the reference that the task's streaming
+    `bench.steer.geometric_kl_alphas` is tested against (tests/test_store.py).
 
     Returns (alphas [c, k], KL reached [c, k]). A target beyond reach gives the bracket's end (logged)."""
     c, k = directions.shape[0], len(targets)
