@@ -49,7 +49,7 @@ class RunConfig:
     judge_templates: str | None = None  # a directory of rubric files that replace the shipped ones (same names)
     # where units run (never changes a record; a resume may change them): bench.executors
     executor: str = "local"  # local: this process | ray: Ray actors, one (model, layer) group per call
-    ray_address: str | None = None  # None: start a local Ray cluster | auto | ray://host:10001 | host:6379
+    ray_address: str | None = None  # ray only: None = start a local cluster | auto | ray://host:10001 | host:6379
     workers: int = 0  # ray: actors at once (0 = as many as the cluster's CPUs, or GPUs, allow)
     gpus_per_worker: float = 0.0  # ray: num_gpus of each actor
     cpus_per_worker: float = 1.0  # ray: num_cpus of each actor (and its torch threads)
@@ -88,10 +88,9 @@ class RunConfig:
         check_judge(self.judge, self.judge_base_url)
         if self.executor not in EXECUTORS:
             raise ValueError(f"bad executor {_show(self.executor)}: expected one of {', '.join(EXECUTORS)}")
-        if self.ray_address is not None and (self.executor != "ray" or not isinstance(self.ray_address, str)
-                                             or not self.ray_address.strip()):
+        if self.ray_address is not None and not (isinstance(self.ray_address, str) and self.ray_address.strip()):
             raise ValueError(f"bad ray_address {_show(self.ray_address)}: expected an address (auto, host:port or "
-                             "ray://host:port) given with --executor ray")
+                             "ray://host:port); it is read only with --executor ray")
         if not (_is_int(self.workers) and self.workers >= 0):
             raise ValueError(f"bad workers {_show(self.workers)}: expected an integer >= 0 (0 = as many as fit)")
         for name in ("gpus_per_worker", "cpus_per_worker"):

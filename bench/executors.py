@@ -16,11 +16,14 @@ written are computed again, mostly from the caches).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from bench.activations import cache_root
 from bench.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,14 @@ class GroupActor:
         return self.worker.provenance(model_id), units
 
 
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """`cfg` with its file settings (concept data, rubric directory) made absolute when they name local paths, so an
+    actor started in another working directory reads the same files (hub names stay as they are)."""
+    fix = {k: str(Path(v).resolve()) for k in ("concepts", "judge_templates")
+           if isinstance(v := getattr(cfg, k), str) and Path(v).exists()}
+    return dataclasses.replace(cfg, **fix) if fix else cfg
+
+
 def ray_groups(cfg: RunConfig, run_id: str, methods: list[str], tasks: list[str], groups: list[Group]
                ) -> Iterator[tuple[str, dict[str, Any], Any]]:
     """(model id, provenance, UnitResult) of every unit of `groups`, computed by Ray actors, yielded in plan order."""
@@ -63,16 +74,19 @@ def ray_groups(cfg: RunConfig, run_id: str, methods: list[str], tasks: list[str]
     per = "GPU" if cfg.gpus_per_worker > 0 else "CPU"
     need = cfg.gpus_per_worker if cfg.gpus_per_worker > 0 else cfg.cpus_per_worker
     fits = int(resources.get(per, 0) // need) if need > 0 else len(groups)
-    n = min(cfg.workers or max(fits, 1), len(groups))
     if fits < 1:
         raise ValueError(f"the Ray cluster has {resources.get(per, 0)} {per}(s); one worker needs {need} "
                          f"(gpus_per_worker={cfg.gpus_per_worker}, cpus_per_worker={cfg.cpus_per_worker})")
+    if cfg.workers > fits:
+        log.warning("ray: workers=%d but the cluster fits %d; running %d", cfg.workers, fits, fits)
+    n = min(cfg.workers or fits, fits, len(groups))
     log.info("ray: %d group(s) on %d actor(s) (%s per actor: %s); cluster: %s", len(groups), n, per, need,
              {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")})
     actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(GroupActor)
     threads = max(1, int(cfg.cpus_per_worker))
-    cache = os.environ.get("FEATBENCH_CACHE")
-    pool = ActorPool([actor.remote(cfg.to_dict(), run_id, methods, tasks, threads, cache) for _ in range(n)])
+    cache = str(cache_root())  # the driver's cache, as an absolute path, wherever an actor starts
+    shipped = absolute_paths(cfg).to_dict()
+    pool = ActorPool([actor.remote(shipped, run_id, methods, tasks, threads, cache) for _ in range(n)])
     for (model_id, _, _), (prov, units) in zip(groups, pool.map(lambda a, g: a.group.remote(*g), groups),
                                                  strict=True):
         for unit in units:

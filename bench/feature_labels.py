@@ -44,7 +44,7 @@ from bench.judge import load_template
 from bench.labeler import can_complete, clean_label, complete_grouped, writer, writer_name
 
 log = logging.getLogger(__name__)
-LABELS_VERSION = 3  # bump when the evidence, the prompts or the parsing change (part of the store key)
+LABELS_VERSION = 4  # bump when the evidence, the prompts or the parsing change (part of the store key)
 SIGNS = ("+", "-")
 _NO_THEME = re.compile(r"^\W*(no[ _-]?theme|trash|none|n/?a|no (clear )?(connection|pattern|concept))\W*$", re.I)
 _RESULTS = re.compile(r"results?\s*:\s*(.*)", re.IGNORECASE | re.DOTALL)

@@ -180,7 +180,7 @@ def clean_label(text: str | None) -> str | None:
 def _unquote(line: str) -> str:
     """`line` without quotes around it, or without an unmatched quote at either end; inner quotes stay
     (`the word "colour"` keeps both of its quotes)."""
-    while len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'":
+    while len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'" and line[0] not in line[1:-1]:
         line = line[1:-1].strip()
     for q in "\"'":
         if line.count(q) % 2:

@@ -105,7 +105,8 @@ def requirements(cfg: RunConfig, methods: Mapping[str, Any], tasks: Mapping[str,
             out += declared(obj, cfg, f"the {name} {kind}")
     if cfg.executor == "ray":
         out.append(Requirement("ray", "pip install 'featbench[ray]'", "--executor ray"))
-    judged = [t for t, obj in tasks.items() if getattr(obj, "needs_judge", False)]
+    judged = [t for t, obj in tasks.items() if getattr(obj, "needs_judge", False)] + [
+        f"{m} (features_of)" for m, obj in methods.items() if getattr(obj, "features_of", None)]
     if judged:
         kind, _, arg = cfg.judge.partition(":")
         why = f"the judge {cfg.judge} (tasks {', '.join(judged)})"
@@ -150,7 +151,7 @@ def build_all(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every method (at every layer of every model) and task of the run, built, so that their own checks run:
     ({method: the last built instance}, {task: instance}). Needs no weights (`describe` reads configs)."""
     from bench.models import describe
-    from bench.runner import make_method, make_task, selected
+    from bench.runner import feature_sources, make_method, make_task, selected
     from bench.sites import resolve_layers
 
     method_names, task_names = selected(cfg)
@@ -158,7 +159,7 @@ def build_all(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     methods: dict[str, Any] = {}
     for model_id in cfg.models:
         for layer in resolve_layers(list(cfg.layers), describe(model_id).n_layers):
-            for name in method_names:
+            for name in (*method_names, *feature_sources(method_names, cfg)):  # sources of features_of too
                 methods[name] = make_method(name, cfg, layer)
                 validate = getattr(methods[name], "_validate", None)
                 try:

@@ -96,6 +96,12 @@ def selected(cfg: RunConfig) -> tuple[list[str], list[str]]:
     return methods, tasks
 
 
+def feature_sources(methods: list[str], cfg: RunConfig) -> list[str]:
+    """The methods that `features_of` of the run's methods name and the run does not list (fitted for them)."""
+    named = [method_spec(m, cfg)[1].get("features_of") for m in methods]
+    return list(dict.fromkeys(n for n in named if n and n not in methods))
+
+
 def unit_key(model: str, layer: int, method: str, task: str) -> str:
     return f"{model}|{layer}|{method}|{task}"
 
@@ -362,7 +368,8 @@ class Worker:
         model, tok, prov = self._model(model_id)
         if self._concepts is None:
             self._concepts = ConceptData.load(self.cfg.concepts, self.cfg.concept_columns, self.cfg.seed)
-        sites = steering_sites(model, [make_method(m, self.cfg, la).site for la in layers for m in self.methods])
+        sites = steering_sites(model, [make_method(m, self.cfg, la).site for la in layers
+                                       for m in (*self.methods, *feature_sources(self.methods, self.cfg))])
         if self._data is None or not set(sites) <= set(self._data.sites):
             self._data = _ModelData(self, model, tok, model_id, prov["revision"], self._concepts, sites)
         data, source = self._data, _model_source(model_id, prov)

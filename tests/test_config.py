@@ -70,3 +70,12 @@ def test_tuple_fields_are_coerced_item_by_item() -> None:
 
     t = build(T, {"factors": "0.5,2", "names": "a,b"}, "task", "t")
     assert t.factors == (0.5, 2.0) and t.names == ("a", "b")
+
+
+def test_a_ray_address_is_ignored_by_the_local_executor_so_a_ray_run_resumes_locally() -> None:
+    from bench.config import RunConfig
+
+    cfg = RunConfig(executor="ray", ray_address="auto").with_overrides({"executor": "local"})
+    assert cfg.executor == "local" and cfg.ray_address == "auto"
+    with pytest.raises(ValueError, match="bad ray_address ' '"):
+        RunConfig(executor="ray", ray_address=" ")

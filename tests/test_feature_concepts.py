@@ -84,3 +84,12 @@ def test_bad_aliases_fail_before_any_work(flags: list[str], message: str, tmp_pa
                                           caplog: pytest.LogCaptureFixture) -> None:
     assert main(["run", "--dry-run", *ARGS, *flags, "--out", str(tmp_path / "x")]) == 2
     assert message in caplog.text
+
+
+def test_a_source_outside_the_run_is_fitted_at_its_own_site(tmp_path: Path) -> None:
+    """dim-snmf reads the residual stream while its source snmf, not a run method, reads the MLP hidden state."""
+    args = [a for a in ARGS]
+    args[args.index("snmf,dim-snmf")] = "dim-snmf"
+    assert main(["run", *args, "-M", "dim-snmf.site=resid", "--out", str(tmp_path / "run")]) == 0
+    records = read_jsonl(tmp_path / "run" / "records.jsonl")
+    assert {r["method"] for r in records} == {"dim-snmf"} and {r["site"] for r in records} == {"resid@0"}

@@ -263,11 +263,12 @@ def test_first_line_stops_a_row_once_a_non_blank_line_has_ended() -> None:
 
 @pytest.mark.parametrize(("answer", "want"), [
     ('the word "colour"', 'the word "colour"'),
-    ('"the word "colour""', 'the word "colour"'),
+    ('"colours"', "colours"),
     ("'numbers'", "numbers"),
     ('"days of the week', "days of the week"),
     ('days of the week"', "days of the week"),
     ("the players' names", "the players' names"),
+    ('"yes" or "no"', '"yes" or "no"'),
 ])
 def test_clean_label_keeps_inner_quotes(answer: str, want: str) -> None:
     assert clean_label(answer) == want
