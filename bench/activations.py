@@ -167,6 +167,13 @@ class Activations:
         idx = torch.randperm(len(self), generator=g)[:max_tokens].sort().values
         return self.subset(idx, f"cap{max_tokens}-seed{seed}")
 
+    def take(self, idx: Tensor) -> Tensor:
+        """x[idx] for token indices `idx` [b] in any order: [b, d_site], read from the source (only those rows) when
+        `iter_chunks` would read it, so a streamed view stays on disk."""
+        if self.reads_source:
+            return self._src().read(idx.long() if self.rows is None else self.rows[idx])
+        return self.x[idx]
+
     def iter_chunks(self, chunk_tokens: int) -> Iterator[Tensor]:
         """x in consecutive chunks of at most `chunk_tokens` rows: [<=chunk_tokens, d_site] each.
 

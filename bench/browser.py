@@ -1,15 +1,16 @@
-"""A static HTML feature browser for run directories: `bench report DIR --browser`.
+"""A static HTML feature browser for run directories and feature trees: `bench report DIR... --browser`.
 
-Everything comes from the run directories: records.jsonl (scores, matched concepts) and samples.jsonl. Concept-centric
+Everything comes from the directories: records.jsonl (scores, matched concepts) and samples.jsonl. Concept-centric
 tasks: the labeling task's contexts with per-token activations, output tokens, labels and judge answers; the steering
 task's generations. Feature-centric tasks (the paper's): `feature_label` rows (input-side label, output-side label per
 sign, top activating tokens with contexts, vocabulary lists), `feature_steering` generations (per sign and KL target:
-alpha, reached KL, texts and ratings) and `feature_detection` sentences with the feature's responses (S_CD).
+alpha, reached KL, texts and ratings) and `feature_detection` sentences with the feature's responses (S_CD). A
+hierarchy output of `bench analyze hierarchy` (a folder with tree.json) adds its feature tree (`bench.browser_tree`).
 
 The pages are jinja2 templates shipped as package data (`bench/templates/*.html.j2`, autoescaped, with browser.css
-and browser.js). The site needs no server and no network:
+and browser.js, copied from there into every site; `bench.pages`). The site needs no server and no network:
 
-    browser/index.html            every (model, layer, method) with its mean scores
+    browser/index.html            every (model, layer, method) with its mean scores, and every feature tree
     browser/<unit>.html           one page per unit: a compact, filterable, sortable feature list
     browser/data/<unit>-<k>.js    feature detail panes (pre-rendered HTML) in chunks of `chunk` features, loaded on
                                   demand by a <script> tag
@@ -22,43 +23,46 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import shutil
 from collections import defaultdict
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import pandas as pd
 
-from bench.results import load, read_jsonl
+from bench.pages import copy_static, environment, write_panes
+from bench.pages import num as _num
+from bench.results import load, read_jsonl, unique_dirs
 
 log = logging.getLogger(__name__)
 Unit = tuple[str, str, int, str]  # (run_id, model, layer, method)
 KINDS = ("labeling", "steering", "feature_label", "feature_steering", "feature_detection")
 FEATURE_TASKS = ("feature_labels", "feature_steering", "feature_detection")
-STATIC = ("browser.css", "browser.js")
 
 
 def write_browser(dirs: Sequence[str | Path], out: Path, chunk: int = 100) -> Path:
-    """Write the browser for run directories `dirs` into `out` (replacing a previous one); return index.html."""
+    """Write the browser for run directories and hierarchy outputs `dirs` into `out` (replacing a previous one);
+    return index.html."""
+    from bench import browser_tree
+
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
-    frame = load(dirs)
-    if frame.empty:
-        raise ValueError(f"no records in {', '.join(map(str, dirs))}; run `bench run` first")
-    samples = _samples(dirs)
-    units = _units(frame, samples)
+    trees = browser_tree.find(dirs)
+    runs = [d for d in unique_dirs(dirs) if (d / "records.jsonl").is_file() or not browser_tree.find([d])]
+    frame = load(runs) if runs else pd.DataFrame()
+    if runs and frame.empty:
+        raise ValueError(f"no records in {', '.join(map(str, runs))}; run `bench run` first")
+    samples = _samples(runs)
+    units = _units(frame, samples) if runs else {}
     many_runs = len({u[0] for u in units}) > 1
     env = environment()
     if out.exists():
         shutil.rmtree(out)
     (out / "data").mkdir(parents=True)
-    for name in STATIC:
-        (out / name).write_text(resources.files("bench").joinpath("templates", name).read_text("utf-8"), "utf-8")
+    copy_static(out)
     slugs = {u: _slug(u, many_runs) for u in units}
     summaries = []
     for unit, info in units.items():
@@ -67,23 +71,15 @@ def write_browser(dirs: Sequence[str | Path], out: Path, chunk: int = 100) -> Pa
         summary = _summary(unit, info, features, recs, slugs[unit])
         summaries.append(summary)
         _write_unit(env, out, unit, summary, features, slugs, chunk)
+    tree_pages = browser_tree.write(env, out, trees, chunk)
     index = out / "index.html"
     index.write_text(env.get_template("index.html.j2").render(
-        title="featbench feature browser", summaries=summaries, many_runs=many_runs,
+        title="featbench feature browser", summaries=summaries, many_runs=many_runs, trees=tree_pages,
         concept_centric=any(s["concept_centric"] for s in summaries),
         feature_centric=any(s["feature_centric"] for s in summaries)), encoding="utf-8")
-    log.info("browser: %d units, %d features in %s", len(units), sum(s["n"] for s in summaries), out)
+    log.info("browser: %d units, %d features, %d feature trees in %s", len(units),
+             sum(s["n"] for s in summaries), len(tree_pages), out)
     return index
-
-
-def environment() -> jinja2.Environment:
-    """The jinja2 environment of the browser's templates (package data of `bench`), autoescaping HTML."""
-    env = jinja2.Environment(loader=jinja2.PackageLoader("bench", "templates"),
-                             autoescape=jinja2.select_autoescape(["html", "html.j2"]),
-                             undefined=jinja2.ChainableUndefined)  # optional sample fields render as nothing
-    env.filters.update(fmt=_fmt, pct=_pct, rating=_rating, yesno=_yesno, quoted=_quoted, pretty=_pretty)
-    env.globals.update(pieces=_pieces, marked=_marked, heat=_heat)
-    return env
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -116,14 +112,6 @@ def _unit_records(frame: pd.DataFrame, unit: Unit) -> pd.DataFrame:
     run_id, model, layer, method = unit
     return frame[(frame["run_id"] == run_id) & (frame["model"] == model) & (frame["layer"] == layer)
                  & (frame["method"] == method)]
-
-
-def _num(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(v) else v
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -302,71 +290,6 @@ def _slug(unit: Unit, with_run: bool) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
-# ----------------------------------------------------------------------------------------------- template helpers
-def _fmt(v: Any, digits: int = 2) -> str:
-    v = _num(v)
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def _pct(v: Any) -> str:
-    v = _num(v)
-    return "–" if v is None else f"{v:.0%}"
-
-
-def _rating(v: Any) -> str:
-    """A judge rating; None is unscored (no parseable answer, or an unlabelled side)."""
-    v = _num(v)
-    return "unscored" if v is None else f"{v:.0f}" if v == int(v) else f"{v:.2f}"
-
-
-def _yesno(v: Any) -> str:
-    return "–" if v is None else "yes" if v else "no"
-
-
-def _quoted(v: Any) -> str:
-    return json.dumps(v, ensure_ascii=False)
-
-
-def _pretty(v: Any) -> str:
-    return json.dumps(v, ensure_ascii=False, indent=1, default=str)
-
-
-def _heat(act: Any, top: Any) -> str:
-    """Background alpha of a token with activation `act` when the strongest one has `top`; "" for none."""
-    a, m = _num(act), _num(top)
-    x = max(0.0, min(1.0, a / m)) if a is not None and m and m > 0 else 0.0
-    return f"{0.08 + 0.8 * x:.3f}" if x > 0 else ""
-
-
-def _pieces(s: dict[str, Any], top: Any) -> list[dict[str, Any]]:
-    """The tokens of a labeling context with their highlight; leading spaces stay outside the highlight."""
-    out = []
-    acts = s.get("acts") or []
-    for i, tok in enumerate(s.get("tokens") or []):
-        lead = re.match(r"\s*", tok).group(0)
-        if lead and len(lead) < len(tok):
-            tok = tok[len(lead):]
-        else:
-            lead = ""
-        act = acts[i] if i < len(acts) else None
-        out.append({"lead": lead, "tok": tok, "act": act, "alpha": _heat(act, top), "peak": i == s.get("peak")})
-    return out
-
-
-def _marked(t: dict[str, Any]) -> dict[str, str]:
-    """A top token's context split around the token (its `span`, else its first occurrence)."""
-    context, token = str(t.get("context") or ""), str(t.get("token") or "")
-    a, b = (list(t.get("span") or (0, 0)) + [0, 0])[:2]
-    if not (0 <= a < b <= len(context)):
-        a = context.find(token.strip()) if token.strip() else -1
-        b = a + len(token.strip())
-    if a < 0:
-        return {"before": context + " ", "token": token, "after": ""}
-    lead = len(context[a:b]) - len(context[a:b].lstrip())  # a leading space stays outside the highlight
-    a = a + lead if a + lead < b else a
-    return {"before": context[:a], "token": context[a:b], "after": context[b:]}
-
-
 # ----------------------------------------------------------------------------------------------- pages
 def _row(f: int, d: dict[str, Any], i: int, chunk: int) -> dict[str, Any]:
     """The unit list's row of feature `f`."""
@@ -388,13 +311,7 @@ def _write_unit(env: jinja2.Environment, out: Path, unit: Unit, summary: dict[st
                 feats: dict[int, dict[str, Any]], slugs: dict[Unit, str], chunk: int) -> None:
     run_id, model, layer, method = unit
     slug = slugs[unit]
-    detail = env.get_template("feature.html.j2")
-    ordered = list(feats)
-    for k in range(0, max(len(ordered), 1), chunk):
-        part = {f: detail.render(f=f, d=feats[f]) for f in ordered[k : k + chunk]}
-        blob = json.dumps(part, ensure_ascii=False, separators=(",", ":"))
-        (out / "data" / f"{slug}-{k // chunk}.js").write_text(f"FB.add({json.dumps(slug)},{k // chunk},{blob});\n",
-                                                               encoding="utf-8")
+    write_panes(env, out, slug, feats, chunk)
     siblings = [{"slug": s, "text": f"{other[3]} L{other[2]}"} for other, s in slugs.items()
                 if other[0] == run_id and other[1] == model and (other[2] == layer) != (other[3] == method)]
     page = env.get_template("unit.html.j2").render(
@@ -403,3 +320,4 @@ def _write_unit(env: jinja2.Environment, out: Path, unit: Unit, summary: dict[st
         has_steering=any(d.get("fc_steering") for d in feats.values()),
         has_detection=any(d.get("fc_detection") for d in feats.values()))
     (out / f"{slug}.html").write_text(page, encoding="utf-8")
+

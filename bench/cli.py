@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-T", dest="task_params", action="append", default=[], metavar="TASK.FIELD=VALUE")
     r.add_argument("--seed", type=int)
     r.add_argument("--device", help="auto | cpu | cuda")
+    r.add_argument("--device-map", dest="device_map", metavar="MAP",
+                   help="spread a model too large for one device over several (accelerate): auto | balanced | "
+                        "balanced_low_0 | sequential | a JSON {module: device}; default none")
     r.add_argument("--max-fit-tokens", type=int, dest="max_fit_tokens")
     r.add_argument("--judge", help="offline | fake | openai:<model> | hf:<path or id>")
     r.add_argument("--judge-base-url", dest="judge_base_url")
@@ -56,11 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--show-config", action="store_true", help="print the resolved config as TOML-ish JSON and exit")
 
     rep = sub.add_parser("report", help="leaderboard tables from run directories")
-    rep.add_argument("dirs", nargs="+", help="run directories")
+    rep.add_argument("dirs", nargs="+", help="run directories (with --browser also `bench analyze hierarchy` outputs)")
     rep.add_argument("--out", help="where to write tables (default: the first run directory)")
     rep.add_argument("--figures", metavar="DIR", help="also write every figure (PNG, PDF) and LaTeX tables to DIR")
     rep.add_argument("--browser", action="store_true",
-                     help="also write a static HTML feature browser to <out>/browser/ (open its index.html)")
+                     help="also write a static HTML feature browser (and any feature trees) to <out>/browser/")
 
     ls = sub.add_parser("list", help="list registered methods, tasks or known models")
     ls.add_argument("what", choices=["methods", "tasks", "models"])
@@ -100,9 +103,9 @@ def _run(args: argparse.Namespace) -> int:
     from bench.runner import Run, new_run_id
 
     overrides = {k: getattr(args, k) for k in ("models", "layers", "methods", "tasks", "concepts", "concept_columns",
-                                                "seed", "device", "max_fit_tokens", "judge", "judge_base_url",
-                                                "judge_templates", "executor", "ray_address", "workers",
-                                                "gpus_per_worker", "cpus_per_worker")}
+                                                "seed", "device", "device_map", "max_fit_tokens", "judge",
+                                                "judge_base_url", "judge_templates", "executor", "ray_address",
+                                                "workers", "gpus_per_worker", "cpus_per_worker")}
     overrides["method"] = parse_params(args.method_params, "-M")
     overrides["task"] = parse_params(args.task_params, "-T")
     path = args.config or (shipped_config(args.preset) if args.preset else None)
@@ -166,28 +169,9 @@ def _stored_config(out: Path) -> RunConfig:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from bench.report import write_leaderboard
-    from bench.results import load, unique_dirs
+    from bench.report_command import report
 
-    frame = load(args.dirs)  # each directory once; skips (and logs) malformed lines and directories without records
-    dirs = [d for d in unique_dirs(args.dirs) if (d / "records.jsonl").is_file()]
-    out = Path(args.out or args.figures or dirs[0])
-    sys.stdout.write(write_leaderboard(frame, out))
-    log.info("wrote %s, %s and paired.md/.csv", out / "leaderboard.md", out / "leaderboard.csv")
-    from bench.feature_report import write_feature_tables
-
-    for path in write_feature_tables(frame, dirs, out):
-        log.info("wrote %s", path)
-    if args.figures:
-        from bench.figures import write_figures
-        from bench.report import write_latex
-
-        figs = write_figures(frame, Path(args.figures))
-        log.info("wrote %d figure files and %s", len(figs), write_latex(frame, Path(args.figures)))
-    if args.browser:
-        from bench.browser import write_browser
-
-        log.info("feature browser: %s", write_browser(dirs, Path(args.out or dirs[0]) / "browser"))
+    sys.stdout.write(report(args.dirs, args.out, args.figures, args.browser))
     return 0
 
 

@@ -80,7 +80,7 @@ def windows(
     """Collection in windows of `window` texts from text `start`: (first text, end text, {site: columns}) per window,
     tokens in (prompt, position) order. Inside a window texts are batched by length (less padding).
     `sites_for(first, end)` may name fewer sites for a window (a resumed store that is further along)."""
-    device = next(model.parameters()).device
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")  # meta: offloaded by accelerate
     tokenizer.padding_side = "right"
     bar = tqdm(total=-(-(len(texts) - start) // batch_size), desc=desc, unit="batch", leave=False, disable=None)
     for first in range(start, len(texts), max(window, 1)):
@@ -96,8 +96,9 @@ def windows(
             batch = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             out = read(model, batch, here)
             b_idx, pos = keep.nonzero(as_tuple=True)
-            for site in here:
-                parts[site].append(out[site][b_idx.to(device), pos.to(device)].to("cpu", dtype))
+            for site in here:  # under a device map each site's layer may live on its own device
+                x = out[site]
+                parts[site].append(x[b_idx.to(x.device), pos.to(x.device)].to("cpu", dtype))
             meta["prompt_idx"].append(torch.tensor(rows, dtype=torch.long)[b_idx])
             meta["position"].append(pos)
             meta["token_ids"].append(enc["input_ids"][b_idx, pos])

@@ -44,6 +44,9 @@ class RunConfig:
     batch_size: int = 16
     max_fit_tokens: int | None = 50_000  # cap on the tokens a method is fitted on (seeded subset)
     device: str = "auto"  # auto | cpu | cuda[:i]
+    # None: the whole model on `device` | auto | balanced | balanced_low_0 | sequential | {module: device}: accelerate
+    # places the layers over the devices as the weights load (a model larger than one device)
+    device_map: str | Mapping[str, str | int] | None = None
     judge: str = "offline"  # offline | fake | openai:<model> | hf:<path or id>
     judge_base_url: str | None = None
     judge_templates: str | None = None  # a directory of rubric files that replace the shipped ones (same names)
@@ -72,6 +75,7 @@ class RunConfig:
                 raise ValueError(f"bad {name} {_show(value)}: expected an integer >= {low}{none}")
         if not (isinstance(self.device, str) and DEVICE.fullmatch(self.device)):
             raise ValueError(f"bad device {_show(self.device)}: expected auto, cpu, cuda, cuda:<index> or mps")
+        check_device_map(self.device_map)
         if self.concepts is not None and not (isinstance(self.concepts, str) and self.concepts.strip()):
             raise ValueError(f"bad concepts {_show(self.concepts)}: expected a file path or hub dataset name")
         from bench.data import parse_columns
@@ -129,6 +133,8 @@ class RunConfig:
                 elif not isinstance(value, list | tuple):
                     raise ValueError(f"bad {name} {value!r}: expected a list or a comma-separated string (in {source})")
                 data[name] = tuple(value)
+        if isinstance(data.get("device_map"), str):
+            data["device_map"] = parse_device_map(data["device_map"])
         if isinstance(data.get("concept_columns"), str):
             from bench.data import parse_columns
 
@@ -180,6 +186,9 @@ LAYER_NAMES = ("early", "middle", "late")
 EXECUTORS = ("local", "ray")
 EXECUTION = ("executor", "ray_address", "workers", "gpus_per_worker", "cpus_per_worker")  # never change a record
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
+DEVICE_MAP_HELP = (f"expected {', '.join(DEVICE_MAPS)} or a table {{module: device}} of cpu, mps, cuda, cuda:<i> "
+                   "or a GPU index, e.g. --device-map auto or --device-map '{\"\": \"cpu\"}'")
 JUDGE_SPECS = "offline | fake | openai:<model> | hf:<path or id>"
 
 
@@ -189,6 +198,30 @@ def _is_int(value: Any) -> bool:
 
 def _show(value: Any) -> str:
     return repr(list(value) if isinstance(value, tuple) else value)
+
+
+def parse_device_map(value: str) -> str | dict[str, Any] | None:
+    """A `--device-map` string: none, a strategy name, or a JSON object {module: device}."""
+    if value.strip().lower() in ("none", "null", ""):
+        return None
+    if not value.lstrip().startswith("{"):
+        return value
+    try:
+        table = json.loads(value)
+    except ValueError as e:
+        raise ValueError(f"bad device_map {value!r}: not a JSON object ({e.msg}); {DEVICE_MAP_HELP}") from None
+    return table
+
+
+def check_device_map(value: Any) -> None:
+    """ValueError unless `value` is None, one of DEVICE_MAPS, or a non-empty {module name: device} table."""
+    if value is None or (isinstance(value, str) and value in DEVICE_MAPS):
+        return
+    if isinstance(value, Mapping) and value and all(
+            isinstance(k, str) and ((_is_int(v) and v >= 0) or (isinstance(v, str) and v != "auto" and
+                                                                DEVICE.fullmatch(v))) for k, v in value.items()):
+        return
+    raise ValueError(f"bad device_map {_show(value)}: {DEVICE_MAP_HELP}")
 
 
 def check_judge(spec: Any, base_url: Any = None) -> None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from bench.activations import Activations
 from bench.features import running_topk
 from bench.protocols import FeatureMethod
-from bench.sites import Site, arch_of, layers_of
+from bench.sites import Site, arch_of, layers_of, to_module
 
 log = logging.getLogger(__name__)
 ENCODE_CHUNK = 4096
@@ -117,20 +117,22 @@ def vocab_lists(model: nn.Module, site: Site, directions: Tensor, n: int,
     block = layers_of(model)[site.layer]
     norm, unembed = model.get_submodule(paths.final_norm), model.get_output_embeddings()
     center = not getattr(model.config, "final_logit_softcapping", None)
-    param = next(model.parameters())
+    dtype = next(model.parameters()).dtype
     n = min(n, unembed.weight.shape[0])
     ids, vals = [], []
     with torch.no_grad():
         for start in range(0, len(directions), chunk):
-            h = F.normalize(directions[start : start + chunk].float(), dim=-1).to(param)  # [c, d_site]
+            h = F.normalize(directions[start : start + chunk].float(), dim=-1).to(dtype)  # [c, d_site]
             if site.kind == "mlp":
                 down = block.get_submodule(paths.down)
+                h = to_module(down, h)
                 h = down(h) - down(torch.zeros_like(h[:1]))  # W_down d, without b_out
                 if paths.mlp_out != paths.mlp:  # Gemma's post-feed-forward norm
-                    h = block.get_submodule(paths.mlp_out)(h)
+                    post = block.get_submodule(paths.mlp_out)
+                    h = post(to_module(post, h))
             signed = []
             for s in (1.0, -1.0):
-                logits = unembed(norm(s * h)).float()  # [c, vocab]
+                logits = unembed(to_module(unembed, norm(to_module(norm, s * h)))).float()  # [c, vocab]
                 if center:
                     logits = logits - logits.mean(-1, keepdim=True)
                 signed.append(logits.topk(n, dim=-1))

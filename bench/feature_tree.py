@@ -8,7 +8,8 @@ forest over levels that can share nodes; its JSON lists every node once with its
 
 Nodes are named by the concept of the hierarchical concept data (a child such as Monday, or a parent category such
 as days) they detect best: max-pooled codes per sentence, AUROC (the labels of `bench/hierarchy.py`; no LLM). Each
-node also carries its top contexts and its neuron support (the non-zeros of its column of Z).
+node also carries its top contexts and its neuron support (the non-zeros of its column of Z). The feature browser
+shows the tree (`bench.browser_tree`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ class Tree:
     def to_json(self) -> dict[str, Any]:
         roots = [k for k, n in self.nodes.items() if not n["parents"] and n["children"]]
         return {**self.meta, "roots": roots, "nodes": list(self.nodes.values())}
+
+    @classmethod
+    def read(cls, path: Path) -> Tree:
+        """The tree that `write` wrote to `path` (tree.json)."""
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls({n["id"]: n for n in data["nodes"]}, {k: v for k, v in data.items() if k not in ("nodes", "roots")})
 
     def write(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,21 +183,3 @@ def figure(tree: Tree, roots: list[str], title: str = ""):  # noqa: ANN201 - mat
     fig.tight_layout()
     return fig
 
-
-def write_page(tree: Tree, out: Path) -> Path:
-    """The tree in the feature browser: `out/tree.html` (every node, linked to its parents and children) with the
-    browser's CSS and JS; open `tree.html#L2:5`."""
-    from importlib import resources
-
-    from bench.browser import STATIC, environment
-
-    out.mkdir(parents=True, exist_ok=True)
-    for name in STATIC:
-        (out / name).write_text(resources.files("bench").joinpath("templates", name).read_text("utf-8"), "utf-8")
-    levels = sorted({n["level"] for n in tree.nodes.values()}, reverse=True)
-    page = environment().get_template("tree.html.j2").render(
-        title=f"feature tree: {tree.meta.get('model', '')} layer {tree.meta.get('layer', '')}", meta=tree.meta,
-        levels=[(lv, [n for n in tree.nodes.values() if n["level"] == lv]) for lv in levels])
-    path = out / "tree.html"
-    path.write_text(page, encoding="utf-8")
-    return path

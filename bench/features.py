@@ -13,7 +13,7 @@ from torch import Tensor
 
 from bench.activations import Activations
 from bench.protocols import Context, FeatureMethod
-from bench.sites import Site, arch_of, layers_of
+from bench.sites import Site, arch_of, layers_of, to_module
 
 ENCODE_CHUNK = 4096  # tokens per encode() call of the batched helpers
 
@@ -139,10 +139,10 @@ def steering_target(model: torch.nn.Module, site: Site, directions: Tensor) -> t
     if site.kind != "mlp" or paths.mlp_out == paths.mlp:
         return site, F.normalize(directions.float(), dim=-1)
     block = layers_of(model)[site.layer]
-    param = next(model.parameters())
-    h = directions.to(param)
+    h = directions.to(next(model.parameters()).dtype)  # each module call moves it to that module's device
     with torch.no_grad():
         for m in (block.get_submodule(paths.down), block.get_submodule(paths.mlp_out)):
+            h = to_module(m, h)
             h = m(h) - m(torch.zeros_like(h[:1]))  # the direction's own effect, offsets removed
     return Site(site.layer, "mlp_out"), F.normalize(h.float().cpu(), dim=-1)
 
@@ -186,13 +186,14 @@ def vocab_projection(model: torch.nn.Module, site: Site, directions: Tensor, k: 
         if paths.mlp_out != paths.mlp:  # a norm between the MLP and the residual stream (Gemma)
             after.append(block.get_submodule(paths.mlp_out))
         chain = after + chain
-    param = next(model.parameters())
+    dtype = next(model.parameters()).dtype
     k = min(k, model.get_output_embeddings().weight.shape[0])
     ids, vals = [], []
     with torch.no_grad():
         for start in range(0, len(directions), chunk):
-            h = directions[start : start + chunk].to(param)  # [c, d_site]
+            h = directions[start : start + chunk].to(dtype)  # [c, d_site], moved per module (device maps)
             for m in chain:
+                h = to_module(m, h)
                 h = m(h) - m(torch.zeros_like(h[:1]))
             logits = h.float()  # [c, vocab]
             top, bottom = logits.topk(k, dim=-1), (-logits).topk(k, dim=-1)

@@ -3,7 +3,8 @@
 1. Fit the recursive SNMF (`methods/snmf_deep.py`) on the MLP hidden state of the hierarchical concept sentences
    (every split: the fit is unsupervised; the labels only name nodes).
 2. Build the feature tree (`bench.feature_tree`): nodes named by the concept they detect best, edges from the
-   coefficients; write tree.json, a figure and the tree page of the feature browser.
+   coefficients; write tree.json, a figure and the feature browser of the tree (`out/browser/`, as
+   `bench report OUT --browser` writes it).
 3. Neuron groups of every parent (`bench.neuron_groups`): core/exclusive sizes and sibling overlap against the
    permutation null; per level, the overlap matrix and sibling overlap against its null.
 4. The intervention on the parents whose children name tokens: amplify the core, then each child's exclusive
@@ -30,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from bench import feature_tree, neuron_groups
+from bench.browser import write_browser
 from bench.hier_concepts import HierConcepts
 from bench.neuron_groups import Family
 
@@ -130,7 +132,7 @@ def run(s: Settings, concepts: HierConcepts, out: Path, figures: Path | None = N
             "concepts": concepts.name, "n_tokens": len(acts), "n_sentences": len(concepts.texts)}
     tree = feature_tree.build(method, acts, concepts.names, concepts.labels(), tok, meta)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [tree.write(out / "tree.json"), feature_tree.write_page(tree, out / "browser")]
+    paths = [tree.write(out / "tree.json"), write_browser([out], out / "browser")]
     stages["tree"] = time.perf_counter() - t0 - sum(stages.values())
     group_rows, overlap_rows, matrices = _groups(tree, method, s)
     group_rows.to_csv(out / "neuron_groups.csv", index=False)
@@ -185,10 +187,9 @@ def write_figures(out: Path, figures: Path) -> list[Path]:
     from bench import hierarchy_figures
 
     figures.mkdir(parents=True, exist_ok=True)
-    data = json.loads((out / "tree.json").read_text(encoding="utf-8"))
-    tree = feature_tree.Tree({n["id"]: n for n in data["nodes"]}, {k: v for k, v in data.items() if k != "nodes"})
+    tree = feature_tree.Tree.read(out / "tree.json")
     figs = {"tree": feature_tree.figure(tree, feature_tree.subtrees(tree, 3),
-                                        f"{data['model']} layer {data['layer']}: the largest feature trees"),
+                                        f"{tree.meta['model']} layer {tree.meta['layer']}: the largest feature trees"),
             "neuron_groups": hierarchy_figures.groups(pd.read_csv(out / "neuron_groups.csv")),
             "intervention": hierarchy_figures.intervention(pd.read_csv(out / "intervention.csv"))}
     paths = []

@@ -1,4 +1,5 @@
-"""The only code that touches torch hooks: `read()` activations at sites, `steer()` by adding a vector."""
+"""The only code that touches torch hooks: `read()` activations at sites, `steer()` by adding a vector, and
+`capture_layer()` / `replay_prefix()` to run a forward from a layer on a recorded prefix."""
 
 from __future__ import annotations
 
@@ -85,3 +86,54 @@ def steer(model: nn.Module, site: Site, vector: Tensor) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def _rows(out: Any, rows: Tensor) -> Any:
+    """A layer output (a tensor, or a tuple whose tensors lead with the batch) restricted to batch `rows`."""
+    if isinstance(out, tuple):
+        return tuple(o[rows] if isinstance(o, Tensor) else o for o in out)
+    return out[rows]
+
+
+@contextmanager
+def capture_layer(model: nn.Module, layer: int) -> Iterator[dict[str, Any]]:
+    """Record the whole output of decoder layer `layer` (as the model's loop receives it) of the forward passes
+    inside, in the yielded dict under "out"."""
+    got: dict[str, Any] = {}
+
+    def post(_m: nn.Module, _a: tuple[Any, ...], out: Any) -> None:
+        got["out"] = out
+
+    handle = layers_of(model)[layer].register_forward_hook(post)
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def replay_prefix(model: nn.Module, layer: int, recorded: Any, rows: Tensor) -> Iterator[None]:
+    """Skip decoder layers 0 .. layer - 1: each returns `recorded` (the output of layer - 1 from an earlier pass
+    over the same left-padded prompts, see `capture_layer`) at batch rows `rows` [b], so the forward inside
+    starts computing at `layer`. Exact when nothing before `layer` is hooked (steering at a site of `layer` or
+    deeper) and the batch holds those prompts, in the order `rows` gives."""
+    if layer <= 0:
+        yield
+        return
+    out = _rows(recorded, rows)
+    skipped = list(layers_of(model))[:layer]
+
+    def skip(*_args: Any, **_kwargs: Any) -> Any:
+        return out
+
+    saved = [module.__dict__.get("forward") for module in skipped]  # an instance forward (accelerate's) comes back
+    for module in skipped:
+        module.forward = skip
+    try:
+        yield
+    finally:
+        for module, forward in zip(skipped, saved, strict=True):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward

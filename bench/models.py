@@ -12,7 +12,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,7 +125,7 @@ def fingerprint(folder: Path) -> dict[str, Any]:
     return {"fingerprint": h.hexdigest(), "files": files}
 
 
-def _load_embedded(model_id: str) -> tuple[nn.Module, Any, dict[str, Any]]:
+def _load_embedded(model_id: str, placed: Mapping[str, Any] | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     emb = EMBEDDED[model_id]
@@ -148,9 +148,24 @@ def _load_embedded(model_id: str) -> tuple[nn.Module, Any, dict[str, Any]]:
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     prov = json.loads((folder / "provenance.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **(placed or {}))
     tok = AutoTokenizer.from_pretrained(folder)
     return model, tok, {**prov, "revision": prov["file_sha256"][:16]}
+
+
+def _reloaded(model: nn.Module, placed: Mapping[str, Any]) -> nn.Module:
+    """A model built in memory (tiny) saved and loaded again through `from_pretrained(**placed)`, the path a
+    checkpoint takes with a device map: the same weights, placed by accelerate."""
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="featbench-tiny-") as tmp:
+        model.save_pretrained(tmp)
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, **placed)
+    with torch.no_grad():  # CPU weights into memory of their own, not the deleted file's map: a map's unaligned
+        for p in model.parameters():  # rows send MKL's single-row matmul down another path (last-bit differences)
+            if p.device.type == "cpu":
+                p.data = p.data.clone()
+    return model
 
 
 def tiny_tokenizer(add_bos: bool = True) -> Any:
@@ -250,16 +265,25 @@ def describe(model_id: str) -> ModelInfo:
     return ModelInfo(cfg.model_type, n, d_model, d_mlp, 12 * n * d_model**2)
 
 
-def load(model_id: str, device: str = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:
-    """(model in eval mode on `device`, tokenizer, provenance dict with at least `revision`)."""
+def load(model_id: str, device: str = "cpu", device_map: str | Mapping[str, str | int] | None = None
+         ) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(model in eval mode on `device`, tokenizer, provenance dict with at least `revision`).
+
+    With `device_map` (accelerate's `auto`, `balanced`, `balanced_low_0`, `sequential`, or {module: device}) the
+    weights are placed by accelerate through `from_pretrained` as they load, for a model larger than one device;
+    `device` then only says where inputs start (accelerate's hooks move them between layers)."""
+    placed = {} if device_map is None else {"device_map": dict(device_map) if isinstance(device_map, Mapping)
+                                                          else device_map}
     if model_id.startswith("tiny:"):
         model, tok, prov = _load_tiny(model_id.removeprefix("tiny:"))
+        if placed:
+            model = _reloaded(model, placed)
     elif model_id in EMBEDDED:
-        model, tok, prov = _load_embedded(model_id)
+        model, tok, prov = _load_embedded(model_id, placed)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", **placed)
         tok = AutoTokenizer.from_pretrained(model_id)
         if Path(model_id).is_dir():  # a local folder has no commit: its revision is a content fingerprint
             fp = fingerprint(Path(model_id))
@@ -268,8 +292,13 @@ def load(model_id: str, device: str = "cpu") -> tuple[nn.Module, Any, dict[str, 
             prov = {"revision": getattr(model.config, "_commit_hash", None) or "unknown"}
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.eval().to(device)
+    model.eval()
+    if not placed:
+        model.to(device)
+    from bench.fastlinear import use_fast_linears
     from bench.sites import arch_of
+
+    use_fast_linears(model)  # CPU float32 only: the same numbers, a faster matmul layout
 
     arch_of(model)  # refuse unsupported architectures up front
     return model, tok, prov

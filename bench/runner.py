@@ -351,7 +351,7 @@ class Worker:
     def _model(self, model_id: str) -> tuple[Any, Any, dict[str, Any]]:
         if self._loaded is None or self._loaded[0] != model_id:
             self.unload()
-            model, tok, prov = load(model_id, self.device)
+            model, tok, prov = load(model_id, self.device, self.cfg.device_map)
             self._loaded = (model_id, model, tok, prov)
         return self._loaded[1:]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 SiteKind = Literal["resid", "mlp", "mlp_out"]
 SITE_KINDS: tuple[str, ...] = ("resid", "mlp", "mlp_out")
@@ -92,6 +92,13 @@ def module_for(model: nn.Module, site: Site) -> nn.Module:
     if site.kind == "resid":
         return layer
     return layer.get_submodule(paths.down if site.kind == "mlp" else paths.mlp_out)
+
+
+def to_module(module: nn.Module, x: Tensor) -> Tensor:
+    """`x` moved to the device of `module`'s weights, to call the module directly: under a device map layers live
+    on different devices (a module accelerate offloads, its weights on `meta`, moves its inputs itself)."""
+    p = next(module.parameters(), None)
+    return x if p is None or p.device.type == "meta" else x.to(p.device)
 
 
 def down_proj(model: nn.Module, layer: int) -> nn.Module:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.hooks import steer
+from bench.hooks import capture_layer, replay_prefix, steer
 from bench.sites import Site
 
 log = logging.getLogger(__name__)
@@ -213,18 +213,28 @@ class KLProbe:
     -> KL [u] (float64). Steering adds alpha * directions[i] ([m, d_site]) at every position of `site`."""
 
     def __init__(self, model: Any, site: Site, prompts: Sequence[Sequence[int]], directions: Tensor,
-                 batch_size: int = 64, pad_id: int = 0, device: str | torch.device = "cpu") -> None:
+                 batch_size: int = 64, pad_id: int = 0, device: str | torch.device = "cpu",
+                 skip_prefix: bool = True) -> None:
         self.model, self.site, self.batch_size, self.device = model, site, batch_size, device
         self.directions = directions.float().to(device)  # [m, d]
         self.ids, self.mask = left_pad(prompts, pad_id, device)  # [P, t]
         self.forwards = 0  # batched forward passes, for benchmarks
-        base = self._logp(self.ids, self.mask, None)  # [P, V]
+        # Steering at layer L leaves layers 0 .. L-1 as they are: record layer L-1's output on the prompts once
+        # and start every steered forward at L (`bench.hooks.replay_prefix`).
+        self.prefix = site.layer if skip_prefix else 0
+        with capture_layer(model, self.prefix - 1) if self.prefix else contextlib.nullcontext({}) as got:
+            base = self._logp(self.ids, self.mask, None)  # [P, V]
+        self.recorded = got.get("out")
         self.p = base.exp()
         self.log_p = (self.p + EPS).log()
 
-    def _logp(self, ids: Tensor, mask: Tensor, vectors: Tensor | None) -> Tensor:
+    def _logp(self, ids: Tensor, mask: Tensor, vectors: Tensor | None, rows: Tensor | None = None) -> Tensor:
+        """Next-token log-probabilities [b, V] after prompts ids [b, t]; `rows` [b] (prompt index of each row)
+        replays the recorded prefix."""
         self.forwards += 1
-        with _steered(self.model, self.site, vectors), torch.inference_mode():
+        replay = (replay_prefix(self.model, self.prefix, self.recorded, rows) if rows is not None and
+                  self.recorded is not None else contextlib.nullcontext())
+        with _steered(self.model, self.site, vectors), replay, torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
                                 logits_to_keep=1).logits[:, -1]
         return torch.log_softmax(logits.float(), -1)
@@ -238,7 +248,7 @@ class KLProbe:
             sl = slice(start, start + self.batch_size)
             pr, pp = pair[sl], prompt[sl]
             vec = self.directions[dir_index[pr].to(self.device)] * alpha[pr].float().to(self.device)[:, None]
-            q = self._logp(self.ids[pp], self.mask[pp], vec).exp()  # [rows, V]
+            q = self._logp(self.ids[pp], self.mask[pp], vec, pp.to(self.ids.device)).exp()  # [rows, V]
             p = self.p[pp]
             out[sl] = (p * (self.log_p[pp] - (q + EPS).log())).sum(-1).double().cpu()
         return out.view(len(alpha), n_p).mean(1)

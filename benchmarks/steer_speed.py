@@ -7,9 +7,10 @@ the reference does; `--top-p` sets both) by Hugging Face `generate` (the steerin
 `bench.steer.sample`; tokens/s are best of `--repeats`.
 
 Calibration: alpha of `--features` random unit directions x 7 KL targets x 2 signs. Batched: `bench.steer.calibrate`,
-every row at once (20 batched forwards). Per-feature: the reference's loop, `bisect_one` per (feature, sign,
-target), one forward per step; it is timed on `--per-feature-rows` rows and scaled linearly to all rows (each row
-costs the same 20 forwards), which the output says.
+every row at once (20 batched forwards, each starting at the steered layer on the prompt's recorded prefix).
+Per-feature: the reference's loop, `bisect_one` per (feature, sign, target), one full forward per step; it is
+timed on `--per-feature-rows` rows and scaled linearly to all rows (each row costs the same 20 forwards), which
+the output says.
 
 Ends with `sampling: R x generate` and `calibration: R x per-feature`; `--json PATH` also writes the numbers.
 Usage: bench perf steer_speed [--model gemma-3-270m-gguf] [--layer middle] [--batch 32] [--new-tokens 50]
@@ -103,7 +104,7 @@ def main() -> None:
     t0 = time.perf_counter()
     calibrate(model, site, [prompt], signed, dir_index, targets, bis, batch_size=256, pad_id=pad, device=args.device)
     t_batched = time.perf_counter() - t0
-    probe = KLProbe(model, site, [prompt], signed, 1, pad, args.device)
+    probe = KLProbe(model, site, [prompt], signed, 1, pad, args.device, skip_prefix=False)  # the reference's forward
     m = min(args.per_feature_rows, len(targets))
     t0 = time.perf_counter()
     for j in range(m):

@@ -11,7 +11,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -293,9 +293,9 @@ class SparseAutoencoder:
         if w.site != acts.site:
             raise ValueError(f"{name} reads {w.site} but the activations are from {acts.site}; "
                              f"set the method's site (sae.site={w.site.kind}) or layer to match")
-        if w.W_enc.shape[0] != acts.x.shape[1]:
+        if w.W_enc.shape[0] != acts.d:
             raise ValueError(f"{name} reads {w.W_enc.shape[0]}-wide activations at {w.site}, but "
-                             f"{acts.model_id} gives {acts.x.shape[1]}-wide ones there")
+                             f"{acts.model_id} gives {acts.d}-wide ones there")
         if not _same_model(w.model_name, acts.model_id):
             log.warning("sae: %s was trained on %s but the run's model is %s", name, w.model_name,
                         acts.model_id)
@@ -309,9 +309,9 @@ class SparseAutoencoder:
 
     def _train_or_load(self, acts: Activations) -> tuple[SaeWeights, dict[str, float]]:
         sl = _sae_lens()
-        data = acts.key or hashlib.sha256(acts.x.contiguous().view(torch.uint8).numpy()).hexdigest()
+        data = acts.key or _digest(acts)
         params = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "release")}
-        spec = json.dumps([data, list(acts.x.shape), params, CACHE_VERSION, sl.__version__], default=str)
+        spec = json.dumps([data, [len(acts), acts.d], params, CACHE_VERSION, sl.__version__], default=str)
         path = cache_root() / "sae" / hashlib.sha256(spec.encode()).hexdigest()[:24]
         hit = (path / "fit.json").exists()
         if hit:
@@ -322,12 +322,16 @@ class SparseAutoencoder:
         return w, {**json.loads((path / "fit.json").read_text()), "cache_hit": float(hit)}
 
     def _train(self, acts: Activations, path: Path) -> None:
-        """Train with sae-lens's TrainingSAE and loss in our own loop; save in sae-lens's format at `path`."""
+        """Train with sae-lens's TrainingSAE and loss in our own loop; save in sae-lens's format at `path`.
+
+        The activations stream: shuffled batches are read from the store a block of rows at a time
+        (`_batches`), so x is never loaded whole; the batches are those of indexing the full tensor."""
         sl = _sae_lens()
         from sae_lens.saes.sae import SAEMetadata, TrainCoefficientConfig, TrainStepInput
 
-        x = acts.x.float()
-        n, d = x.shape
+        n, d = len(acts), acts.d
+        if n == 0:
+            raise ValueError("the sae method got no tokens to fit on")
         if self.architecture == "topk" and not 0 < self.k <= self.d_sae:
             raise ValueError(f"k={self.k} must be in 1..d_sae={self.d_sae}")
         sae_cls, cfg_cls = sl.registry.get_sae_training_class(self.architecture)
@@ -338,18 +342,17 @@ class SparseAutoencoder:
         with torch.random.fork_rng(devices=[]):  # initialise on the CPU from our seed, then move
             torch.manual_seed(self.seed)
             sae = sae_cls(cfg).to(self.device)
-        scale = d**0.5 / x.norm(dim=-1).mean().item()  # sae-lens ActivationScaler.estimate_scaling_factor
+        chunk = acts.chunk_tokens(itemsize=4)
+        norms = torch.cat([x.float().norm(dim=-1) for x in acts.iter_chunks(chunk)])  # [n_tokens]
+        scale = d**0.5 / norms.mean().item()  # sae-lens ActivationScaler.estimate_scaling_factor
         coefficients = {name: c.value if isinstance(c, TrainCoefficientConfig) else float(c)
                         for name, c in sae.get_coefficients().items()}
         opt = torch.optim.Adam(sae.parameters(), lr=self.lr)
-        gen, bs, pos = torch.Generator().manual_seed(self.seed), min(self.batch_size, n), n
+        batches = _batches(acts, min(self.batch_size, n), self.seed, chunk)
         since_fired = torch.zeros(self.d_sae, device=self.device)
         start, loss = time.perf_counter(), float("nan")
         for step in tqdm(range(self.n_steps), desc=f"sae {acts.site}", unit="step", leave=False):
-            if pos + bs > n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            batch = x[perm[pos : pos + bs]].to(self.device) * scale
-            pos += bs
+            batch = next(batches).to(self.device) * scale  # [batch_size, d_site]
             dead = since_fired > self.dead_feature_window
             out = sae.training_forward_pass(TrainStepInput(
                 sae_in=batch, coefficients=coefficients, dead_neuron_mask=dead, n_training_steps=step,
@@ -376,3 +379,23 @@ class SparseAutoencoder:
             shutil.rmtree(tmp, ignore_errors=True)
             if not (path / "fit.json").exists():  # another process may have won the race
                 raise
+
+
+def _batches(acts: Activations, batch_size: int, seed: int, block_tokens: int) -> Iterator[Tensor]:
+    """Endless shuffled float32 batches [batch_size, d_site] of `acts`: each epoch a seeded permutation of the tokens
+    cut into whole batches (the remainder dropped), read `block_tokens` (rounded to whole batches) rows at a time
+    with `Activations.take`, so a streamed x stays on disk. Equals indexing the whole tensor with the permutation."""
+    n, gen = len(acts), torch.Generator().manual_seed(seed)
+    per_read = max(1, block_tokens // batch_size) * batch_size
+    while True:
+        perm = torch.randperm(n, generator=gen)[: n // batch_size * batch_size]  # [n_batches * batch_size]
+        for start in range(0, len(perm), per_read):
+            yield from acts.take(perm[start : start + per_read]).float().split(batch_size)
+
+
+def _digest(acts: Activations) -> str:
+    """sha256 of x's bytes, streamed a chunk at a time (equal to hashing the whole contiguous tensor)."""
+    h = hashlib.sha256()
+    for x in acts.iter_chunks(acts.chunk_tokens()):
+        h.update(x.contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()

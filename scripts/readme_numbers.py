@@ -254,7 +254,8 @@ def default_runtime() -> str:
     table = units[units["task"] != "fit"].pivot_table(index="task", columns="method", values="seconds", aggfunc="sum")
     table.loc["fit"] = fits
     table["all methods"] = table.sum(axis=1)
-    table = table.reset_index().rename(columns={"task": "seconds (3 layers)"})
+    n_layers = parts[1].nunique()
+    table = table.reset_index().rename(columns={"task": f"seconds ({n_layers} layer{'s' * (n_layers > 1)})"})
     return _runtime(DEFAULT_RUN) + "\n" + table.to_markdown(index=False, floatfmt=".0f") + "\n"
 
 
@@ -338,23 +339,32 @@ def hierarchy_recursive_groups() -> str:
     return _markdown(pd.DataFrame(rows)) + "\n" + _markdown(pd.DataFrame(lv_rows))
 
 
+def _intervention() -> list[dict]:
+    """Per tested parent (intervention.csv): its rows by group and, per exclusive group with an own token, whether
+    that token rose most (effect = logit change minus the null mean of random neuron sets) and the chance of that."""
+    t = pd.read_csv(RECURSIVE / "intervention.csv", keep_default_na=False, na_values=[""])
+    t["eff"] = t["logit_change"] - t["null_mean"]
+    out = []
+    for p, g in t.groupby("parent", sort=False):
+        excl = g[g["group"] == "exclusive"]
+        owned = [grp for _, grp in excl.groupby("group_child") if (grp["own"].astype(str) == "True").any()]
+        out.append({"parent": p, "label": g["parent_label"].iloc[0], "core": g[g["group"] == "core"],
+                    "shared": g[g["group"] == "shared"], "exclusive": excl,
+                    "tokens": list(dict.fromkeys(g["token"].str.strip())),
+                    "wins": [int(grp["eff"].idxmax() in set(grp.index[grp["own"].astype(str) == "True"]))
+                             for grp in owned], "chance": [1 / len(grp) for grp in owned]})
+    return out
+
+
 @block("hierarchy-recursive-intervention")
 def hierarchy_recursive_intervention() -> str:
     """Per tested parent: the core group's effect on its children's tokens, and whether each exclusive group
     raises its own child's token most (logit change minus the null mean of random neuron sets)."""
-    t = pd.read_csv(RECURSIVE / "intervention.csv", keep_default_na=False, na_values=[""])
-    t["eff"] = t["logit_change"] - t["null_mean"]
     rows = []
-    for p, g in t.groupby("parent", sort=False):
-        core = g[g["group"] == "core"]
-        shared = g[g["group"] == "shared"]
-        excl = g[g["group"] == "exclusive"]
-        own = excl[excl["own"].astype(str) == "True"]
-        wins = [int(grp["eff"].idxmax() in set(grp.index[grp["own"].astype(str) == "True"]))
-                for _, grp in excl.groupby("group_child") if (grp["own"].astype(str) == "True").any()]
-        sib = excl[excl["sibling"].astype(str) == "True"]
-        rows.append({"parent": f"{p} ({g['parent_label'].iloc[0]})",
-                     "children (tokens)": ", ".join(dict.fromkeys(g["token"].str.strip())),
+    for r in _intervention():
+        core, shared, excl, wins = r["core"], r["shared"], r["exclusive"], r["wins"]
+        own, sib = excl[excl["own"].astype(str) == "True"], excl[excl["sibling"].astype(str) == "True"]
+        rows.append({"parent": f"{r['parent']} ({r['label']})", "children (tokens)": ", ".join(r["tokens"]),
                      "core size": int(core["group_size"].iloc[0]) if len(core) else 0,
                      "core: mean effect": f"{core['eff'].mean():+.3f}" if len(core) else "–",
                      "core: tokens p < 0.05": f"{(core['p'] < 0.05).sum()}/{len(core)}" if len(core) else "–",
@@ -365,6 +375,71 @@ def hierarchy_recursive_intervention() -> str:
                                                          if len(own) else "–"),
                      "own token raised most": f"{sum(wins)}/{len(wins)}" if wins else "–"})
     return _markdown(pd.DataFrame(rows))
+
+
+def _both(values: pd.Series, digits: int) -> str:
+    """The values, rounded, each once: "0.005", or "0.005 and 0.006"."""
+    return " and ".join(dict.fromkeys(f"{v:.{digits}f}" for v in values))
+
+
+@block("hierarchy-recursive-findings")
+def hierarchy_recursive_findings() -> str:
+    """The numbers the prose on the recursive analysis rests on: the fine-tuning's gain, sibling overlap against the
+    null, how well nodes detect their concept, how pure the families are, and the intervention's counts."""
+    import json
+
+    from bench.hier_concepts import HierConcepts
+
+    s = json.loads((RECURSIVE / "summary.json").read_text())
+    tree = {n["id"]: n for n in json.loads((RECURSIVE / "tree.json").read_text())["nodes"]}
+    g = pd.read_csv(RECURSIVE / "neuron_groups.csv")
+    g["level"] = g["parent"].str.extract(r"L(\d+):")[0].astype(int)
+    by = g.groupby("level", sort=True).mean(numeric_only=True).iloc[::-1]  # coarse parents first
+    o = pd.read_csv(RECURSIVE / "level_overlap.csv").dropna(subset=["p"])
+    auc = np.array([n["auroc"] for n in tree.values()])
+    m = s["fit_metrics"]
+    parent_of = HierConcepts.load().parent_of
+    inter = _intervention()
+    tested = [r["parent"] for r in inter]
+    purity = []  # (distinct child concepts of the commonest category, children, parent) per tree parent
+    for k, n in tree.items():
+        kids = [tree[c["id"]]["label"] for c in n["children"]]
+        cats = pd.Series([parent_of[x] for x in dict.fromkeys(kids) if x in parent_of], dtype=object)
+        if len(kids):
+            purity.append((int(cats.value_counts().max()) if len(cats) else 0, len(kids), k))
+    most, n_kids, best = min(purity, key=lambda x: (-x[0], tested.index(x[2]) if x[2] in tested else len(tested),
+                                                     x[2]))
+    pure = sum(1 for d, n, _ in purity if d == n and d >= 2)
+    shared = pd.concat([r["shared"] for r in inter])
+    core = pd.concat([r["core"] for r in inter])
+    wins, chance = [w for r in inter for w in r["wins"]], [c for r in inter for c in r["chance"]]
+    levels = " and ".join(f"{r.sibling_jaccard:.3f} at level {int(r.level)}" for r in o.itertuples())
+    return (f"- Fine-tuning: stacked reconstruction MSE down {m['stack_mse_before'] / m['stack_mse_after']:.1f}×.\n"
+            f"- Siblings: Jaccard {levels}, against {_both(o['null_jaccard'], 3)} under the null; neurons in two or "
+            "more siblings " + " and ".join(f"{r.shared:.1f} (level-{lv} parents)" for lv, r in by.iterrows())
+            + f" on average, against {_both(by['shared_null'], 1)}; a core in all children "
+            + " and ".join(f"{r.core:.2f}" for _, r in by.iterrows()) + " neurons on average.\n"
+            f"- Node labels: {((auc >= 0.7) & (auc < 0.9)).mean():.0%} of the {len(auc)} nodes detect their best "
+            f"concept with AUROC 0.7-0.9, {(auc >= 0.9).sum()} with 0.9 or more (median {np.median(auc):.2f}).\n"
+            f"- Families: {pure} of {len(purity)} parents have all children in one category; the most children of "
+            f"one category under a parent is {most} of {n_kids} ({best}: "
+            f"{', '.join(tree[c['id']]['label'] for c in tree[best]['children'])}).\n"
+            f"- Intervention on {len(inter)} parents: amplifying shared neurons raised a sibling's token beyond "
+            f"random neuron sets for {(shared['p'] < 0.05).sum()}/{len(shared)} tokens (p < 0.05), the core (where "
+            f"not empty) for {(core['p'] < 0.05).sum()}/{len(core)}; a child's exclusive neurons raised its own "
+            f"token most in {sum(wins)} of {len(wins)} groups, against {sum(chance):.1f} by chance.\n")
+
+
+@block("hierarchy-data")
+def hierarchy_data() -> str:
+    """The shipped hierarchical concept data: children, categories, sentences."""
+    from bench.hier_concepts import HierConcepts
+
+    c = HierConcepts.load()
+    per = c.frame.groupby("concept").size()
+    each = f"{per.min()}" if per.min() == per.max() else f"{per.min()}-{per.max()}"
+    return (f"{len(c.children)} children under {len(c.parents)} categories ({', '.join(c.parents)}), {each} "
+            f"sentences each, {len(c.frame)} in all.\n")
 
 
 PERF = ROOT / "results" / "perf"
@@ -405,6 +480,26 @@ def perf_steer() -> str:
              "featbench s": f"{g['batched_s']:.1f}", "ratio": f"{g['per_feature_s'] / g['batched_s']:.1f}×"}]
     head = f"{st['model']} layer {g['layer']}, {g['threads']} threads, {st['device']}:\n\n"
     return head + _markdown(pd.DataFrame(rows))
+
+
+@block("perf-linear")
+def perf_linear() -> str:
+    """`bench perf linear_layout --json results/perf/linear_layout.json`: the unembedding's CPU matmul layout."""
+    import json
+
+    g = json.loads((PERF / "linear_layout.json").read_text())
+    rows = [{"rows × d_in → d_out": f"{r['rows']} × {r['d_in']:,} → {r['d_out']:,}",
+             "F.linear ms": f"{r['linear_s'] * 1e3:.1f}", "(W x^T)^T ms": f"{r['fast_s'] * 1e3:.1f}",
+             "ratio": f"{r['linear_s'] / r['fast_s']:.2f}×", "max abs difference": f"{r['max_abs_diff']:.3g}"}
+            for r in g["shapes"]]
+    (s0, s1), (c0, c1) = g["model_step_s"], g["model_score_s"]
+    model = [{"forward of gemma-3-270m": "32 rows × 6 tokens, last position's logits", "stock s": f"{s0:.3f}",
+              "featbench s": f"{s1:.3f}", "ratio": f"{s0 / s1:.2f}×"},
+             {"forward of gemma-3-270m": "16 rows × 30 tokens, every position's logits", "stock s": f"{c0:.3f}",
+              "featbench s": f"{c1:.3f}", "ratio": f"{c0 / c1:.2f}×"}]
+    head = (f"torch {g['torch']}, {g['threads']} threads; largest logit difference between the two model "
+            f"forwards: {g['logit_max_abs_diff']:.3g}\n\n")
+    return head + _markdown(pd.DataFrame(rows)) + "\n" + _markdown(pd.DataFrame(model))
 
 
 @block("perf-memory")

@@ -40,14 +40,14 @@ import random
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bench import Context, FeatureMethod, Score, register_task
+from bench import Activations, Context, FeatureMethod, Score, register_task
 from bench.features import Match, match_concepts, vocab_projection
 from bench.judge import JudgeCache, TemplateGrader, load_template
 from bench.labeler import LocalLabeler, clean_label  # noqa: F401 - LocalLabeler re-exported (moved to bench)
@@ -162,10 +162,13 @@ class Labeling:
             matched.setdefault(m.feature, []).append(m)
         features = self._features(method.directions_.shape[0], matched, ctx.seed)
         toks = _Tokens.gather(method, ctx, features, self.sources)
+        picks = [self._pick(f, j, toks, ctx.seed) for j, f in enumerate(features)]
+        toks.keep(method, [(p, j) for j, (top, mixed) in enumerate(picks) for p in [*top, *(q for q, _ in mixed)]],
+                  self.window)
         ids, vals = vocab_projection(ctx.model, method.site, method.directions_[features], self.n_output_tokens)
         t_data = time.perf_counter()
 
-        rows = [self._feature_row(f, j, toks, ctx, matched.get(f, [])) for j, f in enumerate(features)]
+        rows = [self._feature_row(f, j, toks, ctx, matched.get(f, []), *picks[j]) for j, f in enumerate(features)]
         for row, i, v in zip(rows, ids, vals, strict=True):
             row["promoted"] = [[_piece(ctx.tokenizer, int(t)), float(x)] for t, x in zip(i[0], v[0], strict=True)]
             row["suppressed"] = [[_piece(ctx.tokenizer, int(t)), float(x)] for t, x in zip(i[1], v[1], strict=True)]
@@ -227,13 +230,13 @@ class Labeling:
         sample = rest if self.max_features >= len(rest) else random.Random(seed).sample(rest, self.max_features)
         return sorted(set(matched) | set(sample))
 
-    def _feature_row(self, feature: int, col: int, toks: _Tokens, ctx: Context,
-                     matches: list[Match]) -> dict[str, Any]:
-        """The feature's contexts and scoring set as a samples row (labels and scores filled in later)."""
+    def _pick(self, feature: int, col: int, toks: _Tokens, seed: int) -> tuple[list[int], list[tuple[int, bool]]]:
+        """The feature's top prompts (highest positive peak first) and its shuffled scoring set of (prompt, truth):
+        held-out top prompts and as many random prompts outside the top."""
         peak = toks.peak_val[:, col]  # [n_prompts]
         order = torch.argsort(-peak, stable=True).tolist()
         top = [p for p in order[: self.n_top] if peak[p] > 0]
-        rng = random.Random(f"{ctx.seed}:{feature}")
+        rng = random.Random(f"{seed}:{feature}")
         held = top[self.n_label :]
         pos = rng.sample(held, min(self.n_score, len(held)))
         top_set = set(top) | set(order[: self.n_top])
@@ -241,6 +244,12 @@ class Labeling:
         neg = rng.sample(others, min(self.n_score, len(others))) if pos else []
         mixed = [(p, True) for p in pos] + [(p, False) for p in neg]
         rng.shuffle(mixed)
+        return top, mixed
+
+    def _feature_row(self, feature: int, col: int, toks: _Tokens, ctx: Context, matches: list[Match],
+                     top: list[int], mixed: list[tuple[int, bool]]) -> dict[str, Any]:
+        """The feature's contexts and scoring set as a samples row (labels and scores filled in later)."""
+        peak = toks.peak_val[:, col]  # [n_prompts]
         descriptions = ctx.concepts.descriptions
         return {
             "feature": feature, "dead": not top, "max_act": float(peak[top[0]]) if top else None,
@@ -255,57 +264,115 @@ class Labeling:
 # ----------------------------------------------------------------------------------------------- token data
 @dataclass
 class _Tokens:
-    """The chosen features' activations on every token of the concept splits and the neutral corpus, tokens
-    grouped by prompt in position order."""
+    """The chosen features' per-prompt peaks over the concept splits and the neutral corpus, and their activations on
+    only the tokens of the windows `keep` asked for; tokens grouped by prompt in position order (the token index).
 
-    z: Tensor  # [n_tokens, n_chosen]
-    token_ids: Tensor  # [n_tokens]
+    Never holds [n_tokens, n_chosen]: `gather` encodes one chunk of tokens at a time and keeps running per-prompt
+    maxima; `keep` encodes again only the chunks that hold a wanted window (the same chunks, so the same values)."""
+
+    token_ids: Tensor  # [n_tokens] in token-index order
     starts: Tensor  # [n_prompts + 1] offsets of each prompt's tokens
     where: list[tuple[str, int]]  # [n_prompts] (split, row in the split)
     peak_val: Tensor  # [n_prompts, n_chosen] max over the prompt's tokens (-inf for a prompt without tokens)
-    peak_at: Tensor  # [n_prompts, n_chosen] token index of that max
+    peak_at: Tensor  # [n_prompts, n_chosen] token index of the first token at that max
     pieces: dict[int, list[str]]  # prompt -> token strings (filled on demand)
+    parts: list[tuple[Activations, Tensor]]  # per split with tokens: (its activations, token index of each row)
+    features: list[int]
+    chunk: int
+    kept_at: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [m] token indices, sorted
+    kept_z: Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # [m, n_chosen] activations on those tokens
 
     @classmethod
     def gather(cls, method: FeatureMethod, ctx: Context, features: list[int], sources: Sequence[str] = SOURCES,
                chunk: int = 4096) -> _Tokens:
-        zs, tids, prompts, where = [], [], [], []
+        tids, counts, vals, ats, parts, where, n = [], [], [], [], [], [], 0
+        k = len(features)
         for split in tqdm(sources, desc="labeling: encode", unit="split", leave=False):
             acts = ctx.acts(split, method.site)
             if len(acts) == 0:
                 where += [(split, i) for i in range(acts.n_prompts)]
+                vals.append(torch.full((acts.n_prompts, k), float("-inf")))
+                ats.append(torch.full((acts.n_prompts, k), torch.iinfo(torch.long).max))
+                counts.append(torch.zeros(acts.n_prompts, dtype=torch.long))
                 continue
             order = torch.argsort(acts.prompt_idx * (int(acts.position.max()) + 1) + acts.position, stable=True)
-            z = torch.cat([method.encode(x)[:, features].float().cpu() for x in acts.iter_chunks(chunk)])
-            zs.append(z[order])
+            index = torch.empty_like(order)
+            index[order] = torch.arange(len(order)) + n  # token index of each row of acts
+            val = torch.full((acts.n_prompts, k), float("-inf"))  # [n_split_prompts, n_chosen]
+            at = torch.full((acts.n_prompts, k), torch.iinfo(torch.long).max)
+            for start, x in zip(range(0, len(acts), chunk), acts.iter_chunks(chunk), strict=True):
+                z = method.encode(x)[:, features].float().cpu()  # [<=chunk, n_chosen]
+                _merge_peaks(val, at, z, acts.prompt_idx[start : start + len(z)], index[start : start + len(z)])
             tids.append(acts.token_ids[order])
-            prompts.append(acts.prompt_idx[order] + len(where))
+            counts.append(torch.bincount(acts.prompt_idx, minlength=acts.n_prompts))
+            vals.append(val)
+            ats.append(at)
+            parts.append((acts, index))
             where += [(split, i) for i in range(acts.n_prompts)]
-        if not zs:
+            n += len(acts)
+        if not parts:
             raise ValueError(f"labeling: no tokens at {method.site} in any of {', '.join(sources)}")
-        z, token_ids, prompt = torch.cat(zs), torch.cat(tids), torch.cat(prompts)
-        counts = torch.bincount(prompt, minlength=len(where))
-        starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-        idx = prompt[:, None].expand_as(z)
-        peak_val = torch.full((len(where), z.shape[1]), float("-inf")).scatter_reduce_(0, idx, z, "amax")
-        n = len(z)
-        at = torch.where(z == peak_val[prompt], torch.arange(n)[:, None], n)  # first token at the max
-        peak_at = torch.full((len(where), z.shape[1]), n).scatter_reduce_(0, idx, at, "amin")
-        return cls(z, token_ids, starts, where, peak_val, peak_at, {})
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(counts).cumsum(0)])
+        peak_at = torch.cat(ats).clamp(max=n)  # n for a prompt without tokens
+        return cls(torch.cat(tids), starts, where, torch.cat(vals), peak_at, {}, parts, features, chunk)
+
+    def keep(self, method: FeatureMethod, wanted: Sequence[tuple[int, int]], window: int) -> None:
+        """Encode (again) the tokens within `window` of the peak of each wanted (prompt, feature column) and keep
+        their activations for `snippet`: [m, n_chosen] for the m tokens of the union of the windows."""
+        need = torch.zeros(len(self.token_ids), dtype=torch.bool)  # [n_tokens]
+        for prompt, col in wanted:
+            lo, hi = self._window(prompt, col, window)
+            need[lo:hi] = True
+        at, zs = [], []
+        for acts, index in self.parts:
+            for start in range(0, len(acts), self.chunk):
+                rows = torch.arange(start, min(start + self.chunk, len(acts)))
+                sel = need[index[rows]]
+                if bool(sel.any()):  # the same chunk as in gather, so encode gives the same values
+                    z = method.encode(acts.take(rows))[:, self.features].float().cpu()
+                    at.append(index[rows][sel])
+                    zs.append(z[sel])
+        if at:
+            kept_at = torch.cat(at)
+            order = torch.argsort(kept_at)
+            self.kept_at, self.kept_z = kept_at[order], torch.cat(zs)[order]
+
+    def _window(self, prompt: int, col: int, window: int) -> tuple[int, int]:
+        at = int(self.peak_at[prompt, col])
+        return max(int(self.starts[prompt]), at - window), min(int(self.starts[prompt + 1]), at + window + 1)
 
     def n_tokens(self, prompt: int) -> int:
         return int(self.starts[prompt + 1] - self.starts[prompt])
 
     def snippet(self, prompt: int, col: int, window: int, tokenizer: Any) -> Snippet:
-        """Prompt `prompt`'s tokens within `window` of feature column `col`'s peak."""
+        """Prompt `prompt`'s tokens within `window` of feature column `col`'s peak (kept by `keep`)."""
         start, end = int(self.starts[prompt]), int(self.starts[prompt + 1])
         if prompt not in self.pieces:
             self.pieces[prompt] = pieces(tokenizer, self.token_ids[start:end].tolist())
-        at = int(self.peak_at[prompt, col])
-        lo, hi = max(start, at - window), min(end, at + window + 1)
+        lo, hi = self._window(prompt, col, window)
+        want = torch.arange(lo, hi)
+        pos = torch.searchsorted(self.kept_at, want).clamp(max=max(len(self.kept_at) - 1, 0))
+        if len(want) and (not len(self.kept_at) or not torch.equal(self.kept_at[pos], want)):
+            raise RuntimeError(f"labeling: the window of prompt {prompt}, column {col} was not kept")
         split, row = self.where[prompt]
-        acts = [float(f"{a:.4g}") for a in self.z[lo:hi, col].tolist()]  # 4 significant digits
+        acts = [float(f"{a:.4g}") for a in self.kept_z[pos, col].tolist()]  # 4 significant digits
+        at = int(self.peak_at[prompt, col])
         return Snippet(split, row, self.pieces[prompt][lo - start : hi - start], acts, at - lo)
+
+
+def _merge_peaks(val: Tensor, at: Tensor, z: Tensor, prompt: Tensor, index: Tensor) -> None:
+    """Fold a chunk into running per-prompt maxima, in place: `val` [n_prompts, k] the max so far, `at` the
+    smallest token index at it; `z` [b, k] the chunk's activations, `prompt` and `index` [b] each row's prompt and
+    token index."""
+    u, inv = torch.unique(prompt, return_inverse=True)
+    idx = inv[:, None].expand_as(z)
+    big = torch.iinfo(torch.long).max
+    cmax = torch.full((len(u), z.shape[1]), float("-inf")).scatter_reduce_(0, idx, z, "amax")  # [n_u, k]
+    first = torch.where(z == cmax[inv], index[:, None], big)
+    cat = torch.full((len(u), z.shape[1]), big).scatter_reduce_(0, idx, first, "amin")
+    old, old_at = val[u], at[u]
+    at[u] = torch.where(cmax > old, cat, torch.where(cmax == old, torch.minimum(old_at, cat), old_at))
+    val[u] = torch.maximum(old, cmax)
 
 
 def pieces(tokenizer: Any, ids: list[int]) -> list[str]:

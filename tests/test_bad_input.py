@@ -184,6 +184,16 @@ def test_unwritable_cache_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_fast_linear_switch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FEATBENCH_FAST_LINEAR", "fast")
+    _no_model_load(monkeypatch)
+    message = _refused(_argv({}, tmp_path / "run"), caplog, capsys)
+    assert "FEATBENCH_FAST_LINEAR='fast'" in message
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes through chmod 0o500")
 def test_read_only_out_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:

@@ -27,7 +27,9 @@ def records() -> pd.DataFrame:
 
 def test_the_default_run_is_the_feature_centric_protocol_on_every_method(records: pd.DataFrame) -> None:
     assert set(records["task"]) - {"fit"} == TASKS
-    assert set(records["method"]) == {"dim-snmf", "sae", "snmf"} and records["layer"].nunique() == 3
+    assert set(records["method"]) == {"dim-snmf", "sae", "snmf"} and set(records["layer"]) == {9}  # the middle
+    per_method = records[records["task"] == "feature_steering"].groupby("method")["feature"].nunique()
+    assert (per_method == 12).all(), "12 features per method, more than the 6 of the three-layer run it replaced"
     steer = records[(records["task"] == "feature_steering") & (records["metric"] == "reached")]
     assert set(steer["sign"]) == {1, -1} and steer["kl_target"].nunique() >= 3
     scored = records[(records["task"] == "feature_steering") & (records["metric"] == "score")]

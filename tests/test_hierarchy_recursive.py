@@ -144,6 +144,6 @@ def test_cli_runs_the_recursive_analysis_on_a_tiny_model(tmp_path: Path) -> None
     assert {"parent", "group", "group_size", "child", "token", "logit_change", "null_mean", "p"} <= set(inter.columns)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["ranks"] == [12, 6, 3] and summary["wall_seconds"] > 0
-    page = (out / "browser" / "tree.html").read_text()
-    assert 'id="L3:0"' in page and 'href="#L1:0"' in page
+    page = (out / "browser" / "tiny_gpt2-L1-tree.html").read_text()  # more in tests/test_browser_tree.py
+    assert 'href="tiny_gpt2-L1-tree-level3.html#f=0"' in page and 'href="tiny_gpt2-L1-tree-level1.html#f=0"' in page
     assert {p.name for p in figs.iterdir()} == {"tree.png", "neuron_groups.png", "intervention.png"}

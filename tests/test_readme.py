@@ -62,3 +62,22 @@ def test_readme_numbers_check_catches_a_hand_edited_number(tmp_path: Path) -> No
     readme.write_text(edited)
     assert numbers.main(["--check", "--readme", str(readme)]) == 1
     assert numbers.main(["--readme", str(readme)]) == 0 and readme.read_text() == text
+
+
+def test_readme_hierarchy_findings_follow_the_records(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The numbers under the recursive hierarchy's prose come from its records: a changed record fails --check."""
+    import json
+    import shutil
+
+    numbers = _numbers()
+    records = tmp_path / "recursive"
+    shutil.copytree(numbers.RECURSIVE, records, ignore=shutil.ignore_patterns("browser"))
+    summary = json.loads((records / "summary.json").read_text())
+    summary["fit_metrics"]["stack_mse_after"] /= 2
+    (records / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(numbers, "RECURSIVE", records)
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text())
+    _, changed = numbers.render(readme.read_text())
+    assert "hierarchy-recursive-findings" in changed and "hierarchy-recursive-fit" in changed
+    assert numbers.main(["--check", "--readme", str(readme)]) == 1

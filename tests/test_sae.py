@@ -257,6 +257,60 @@ def test_training_recovers_a_planted_dictionary_and_reloads_from_the_cache(caplo
     assert second.fit_metrics_["train_seconds"] == m["train_seconds"]
 
 
+@pytest.mark.parametrize("arch", ["topk", "gated"])
+def test_training_streams_batches_from_the_store_and_equals_in_memory(arch, tmp_path, monkeypatch):
+    """Training on a streamed store never loads x (Activations._read_all raises), reads at most one block of rows
+    at a time (bounded by FEATBENCH_MEMORY_BUDGET), and gives exactly the weights of training on the tensor."""
+    from bench.activations import load_store
+    from bench.store import RowSource, ShardWriter
+
+    x, _ = planted(n=1000, d=12, m=20, seed=3)
+    writer = ShardWriter(tmp_path / ".s.partial", {"planted": 3}, shard_tokens=128)
+    for start in range(0, 1000, 40):  # 4 texts of 10 tokens per batch
+        tok = torch.arange(start, start + 40)
+        cols = {"x": x[tok], "prompt_idx": tok // 10, "position": tok % 10, "token_ids": tok % 7}
+        writer.add(cols, (start + 40) // 10)
+    writer.finish(tmp_path / "s", torch.float32)
+    streamed = load_store(tmp_path / "s", Site(0, "mlp"), "tiny", [f"t{i}" for i in range(100)], "k").cap(900, 0)
+    in_memory = make_acts(x[streamed.rows], Site(0, "mlp"))  # no key: cached under the hash of x
+
+    monkeypatch.setenv("FEATBENCH_MEMORY_BUDGET", "100K")  # blocks of 100K / 8 bytes = 266 rows of 12 floats
+    largest, training = [], []
+
+    def spy(read):
+        def counted(self, *a, **kw):
+            out = read(self, *a, **kw)
+            if training:  # reads of the training loop (fit_metrics afterwards reads its own chunks)
+                largest.append(len(out))
+            return out
+        return counted
+
+    for name in ("read", "read_range"):
+        monkeypatch.setattr(RowSource, name, spy(getattr(RowSource, name)))
+
+    def train(self, *a, _f=SparseAutoencoder._train):
+        training.append(True)
+        try:
+            return _f(self, *a)
+        finally:
+            training.clear()
+    monkeypatch.setattr(SparseAutoencoder, "_train", train)
+
+    def loads_all(self):
+        raise AssertionError("training loaded the whole activation tensor")
+
+    params = {"architecture": arch, "d_sae": 20, "k": 3, "n_steps": 40, "batch_size": 64, "seed": 5}
+    with monkeypatch.context() as m:
+        m.setattr(Activations, "_read_all", loads_all)
+        a = SparseAutoencoder(**params).fit(streamed)
+    assert streamed.streams and largest and max(largest) <= 266
+    assert sum(n == 256 for n in largest) > 1, "shuffled batches are read in blocks of whole batches"
+    b = SparseAutoencoder(**params).fit(in_memory)
+    assert a.fit_metrics_["cache_hit"] == b.fit_metrics_["cache_hit"] == 0
+    assert torch.equal(a.directions_, b.directions_) and torch.equal(a.weights_.W_enc, b.weights_.W_enc)
+    assert a.fit_metrics_["final_loss"] == b.fit_metrics_["final_loss"]
+
+
 @pytest.mark.parametrize("arch", ["topk", "standard", "jumprelu", "gated"])
 def test_contract(arch):
     x, _ = planted(n=300, d=16, m=24)

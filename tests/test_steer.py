@@ -19,7 +19,7 @@ from transformers.generation import (
 
 from bench.hooks import steer
 from bench.models import load, tiny_tokenizer
-from bench.sites import Site
+from bench.sites import Site, layers_of, n_layers, site_dim
 from bench.steer import (
     EPS,
     Bisection,
@@ -182,3 +182,27 @@ def test_batched_bisection_equals_the_reference_per_row_bisection() -> None:
             assert float(batched.alpha[j]) == pytest.approx(alpha, rel=1e-9)
             assert float(batched.kl[j]) == pytest.approx(kl, abs=1e-6)
     assert batched.reached.any() and not batched.reached.all()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mlp_out", "resid"])
+def test_kl_probe_started_at_the_steered_layer_equals_the_full_forward(tiny, kind: str) -> None:  # noqa: ANN001
+    """Layers before the steered one replay their recorded output (left-padded prompts of several lengths,
+    per-row prompt order): the KLs equal those of full forwards, and the model is left as it was."""
+    model, tok, arch = tiny
+    layer = n_layers(model) - 1
+    assert layer >= 1, "the tiny models need two layers for this test"
+    site = Site(layer, kind)
+    prompts = [prompt_ids(tok, "i think that"), prompt_ids(tok, "the cat sat on the mat today"), prompt_ids(tok, "a")]
+    dirs = _directions(4, site_dim(model, site), seed=3)
+    index, alpha = torch.tensor([0, 1, 2, 3, 1]), torch.tensor([0.5, 2.0, 8.0, 30.0, 3.0], dtype=torch.float64)
+    fast = KLProbe(model, site, prompts, dirs, batch_size=4, pad_id=tok.pad_token_id)
+    full = KLProbe(model, site, prompts, dirs, batch_size=4, pad_id=tok.pad_token_id, skip_prefix=False)
+    assert fast.prefix == layer and fast.recorded is not None and full.recorded is None
+    got, want = fast(index, alpha), full(index, alpha)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert (want > 0).all(), arch
+    assert not any("forward" in m.__dict__ for m in layers_of(model)), "replay_prefix restored every layer"
+    rec = fast.recorded  # the replay is what runs: a zeroed record changes the KLs
+    fast.recorded = rec * 0 if isinstance(rec, torch.Tensor) else tuple(
+        r * 0 if isinstance(r, torch.Tensor) else r for r in rec)
+    assert not torch.allclose(fast(index, alpha), want, rtol=1e-3, atol=1e-6)

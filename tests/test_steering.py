@@ -27,8 +27,9 @@ from bench.hooks import steer
 from bench.judge import ASPECTS, fake_answer, load_template, parse_rating
 from bench.results import read_jsonl
 from bench.sites import Site
+from bench.steer import geometric_kl_alphas
 from methods.dim import DiffInMeans
-from tasks.steering import MAX_ACT_FALLBACK, Candidate, Steering, _Generator, kl_alphas, last_logprobs
+from tasks.steering import MAX_ACT_FALLBACK, Candidate, Steering, _Generator, last_logprobs
 from tests.conftest import FIXTURE_CONCEPTS, planted_acts
 from tests.fake_openai_server import FakeOpenAIServer
 
@@ -117,7 +118,8 @@ def test_kl_alphas_hit_their_targets_and_grow_with_them() -> None:
     dirs = torch.nn.functional.normalize(torch.randn(3, model.config.hidden_size, generator=torch.Generator()
                                                      .manual_seed(0)), dim=-1)
     targets = [0.0005, 0.002, 0.005]  # random tiny models saturate near 0.01 nats
-    alphas, kls = kl_alphas(model, tok, site, dirs, targets, ["the cat sat on the mat", "a dog"], 1.0, batch_size=8)
+    alphas, kls = geometric_kl_alphas(model, tok, site, dirs, targets, ["the cat sat on the mat", "a dog"], 1.0,
+                                      batch_size=8)
     assert alphas.shape == kls.shape == (3, 3)
     torch.testing.assert_close(kls, torch.tensor([targets] * 3), rtol=0.05, atol=1e-5)
     assert (alphas.diff(dim=1) > 0).all()
@@ -136,7 +138,7 @@ def test_kl_calibration_sees_each_prompt_as_alone() -> None:
     dirs = torch.nn.functional.normalize(torch.randn(2, model.config.hidden_size, generator=torch.Generator()
                                                      .manual_seed(0)), dim=-1)
     targets = [0.001, 0.004]
-    alphas, kls = kl_alphas(model, tok, site, dirs, targets, PROMPTS, 1.0, batch_size=3)
+    alphas, kls = geometric_kl_alphas(model, tok, site, dirs, targets, PROMPTS, 1.0, batch_size=3)
 
     def alone(prompt: str, vector: torch.Tensor | None) -> torch.Tensor:  # [vocab]
         ids = tok(prompt, return_tensors="pt")["input_ids"]

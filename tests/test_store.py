@@ -197,16 +197,18 @@ def test_running_topk_and_batched_encoders_equal_the_full_tensors(tmp_path: Path
     assert mean_norm(lazy, chunk=64) == pytest.approx(float(lazy.x.norm(dim=-1).mean()), rel=1e-6)
 
 
-def test_kl_calibration_per_batch_equals_the_unbatched_one() -> None:
+def test_kl_calibration_per_batch_equals_the_plain_reference() -> None:
+    """geometric_kl_alphas (all pairs at once, padded prompts, reduced per batch) gives the alphas and KLs of the
+    plain reference (tests/_reference.py: one pair at a time, each prompt alone), whatever the batch size."""
     from bench.steer import geometric_kl_alphas
-    from tasks.steering import kl_alphas
+    from tests._reference import kl_alphas
 
     model, tok, _ = load("tiny:llama")
     site = Site(1, "resid")
     d = torch.nn.functional.normalize(torch.randn(3, model.config.hidden_size,
                                                   generator=torch.Generator().manual_seed(0)), dim=-1)
     prompts = ["The weather today", "Once upon a time there", "My favourite food is"]
-    ref = kl_alphas(model, tok, site, d, [0.05, 0.2], prompts, norm=4.0, batch_size=1000, iters=6)
+    ref = kl_alphas(model, tok, site, d, [0.05, 0.2], prompts, norm=4.0, iters=6)
     for batch in (1, 4):
         got = geometric_kl_alphas(model, tok, site, d, [0.05, 0.2], prompts, norm=4.0, batch_size=batch, iters=6)
         torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=1e-4)

@@ -94,6 +94,7 @@ class HFJudge:
     `hf:smollm2-135m-gguf`): the chat template when the tokenizer has one, greedy decoding, batched."""
 
     def __init__(self, model_id: str, device: str = "cpu", max_new_tokens: int = 64, batch_size: int = 8) -> None:
+        from bench.fastlinear import use_fast_linears
         from bench.models import EMBEDDED, load
 
         if model_id in EMBEDDED or model_id.startswith("tiny:"):
@@ -102,6 +103,7 @@ class HFJudge:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             self._model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto").eval().to(device)
+            use_fast_linears(self._model)
             self._tok = AutoTokenizer.from_pretrained(model_id)
             if self._tok.pad_token is None:
                 self._tok.pad_token = self._tok.eos_token

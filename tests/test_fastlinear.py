@@ -1,0 +1,82 @@
+"""The fast CPU linear layout (bench.fastlinear): the same logits, hidden states and greedy tokens as torch's
+stock `nn.Linear` on every supported model family, steering hooks included; off with FEATBENCH_FAST_LINEAR=0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.fastlinear import enabled, fast_linear_forward, use_fast_linears
+from bench.models import load
+from bench.sites import Site
+from bench.steer import Sampling, left_pad, sample
+
+
+def _stock(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """Strip the fast layout from `model`; returns the modules that had it."""
+    had = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" in m.__dict__]
+    for m in had:
+        del m.forward
+    return had
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7), (1, 7)])
+def test_forward_equals_linear(shape: tuple[int, ...], bias: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(7, 11, bias=bias)
+    x = torch.randn(*shape, 7, generator=g)
+    got = fast_linear_forward(lin, x)
+    assert got.shape == (*shape, 11) and got.is_contiguous()
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-6, atol=1e-6)
+
+
+def test_grad_and_other_dtypes_take_the_stock_path() -> None:
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4, requires_grad=True)
+    fast_linear_forward(lin, x).sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+    big = torch.nn.Linear(4, 20000)
+    assert use_fast_linears(big.to(torch.bfloat16)) == 0  # only float32 modules change
+    assert use_fast_linears(torch.nn.Linear(4, 3)) == 0  # only unembedding-sized ones
+    assert use_fast_linears(big.float()) == 1
+
+
+def test_every_family_gives_the_same_logits_and_greedy_tokens(tiny, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    model, tok, arch = tiny
+    _stock(model)
+    monkeypatch.setattr("bench.fastlinear.MIN_OUT", 1)
+    n_linear = use_fast_linears(model)
+    assert n_linear == sum(type(m) is torch.nn.Linear for m in model.modules()) > 0
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11, 12]], 0)
+    site = Site(1, "mlp_out")
+    vec = torch.randn(2, model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd)
+    greedy = Sampling(6, 0.0, 0, 1.0)
+    with torch.inference_mode():
+        fast_logits = model(input_ids=ids, attention_mask=mask).logits
+    fast_tokens = sample(model, [[5, 6, 7, 8, 9], [10, 11, 12]], greedy, site=site, vectors=vec)
+    had = _stock(model)
+    try:
+        with torch.inference_mode():
+            stock_logits = model(input_ids=ids, attention_mask=mask).logits
+        stock_tokens = sample(model, [[5, 6, 7, 8, 9], [10, 11, 12]], greedy, site=site, vectors=vec)
+    finally:
+        _stock(model)
+        monkeypatch.undo()
+        use_fast_linears(model)  # back to what load() gives
+    assert len(had) == n_linear
+    torch.testing.assert_close(fast_logits, stock_logits, rtol=1e-5, atol=1e-5)
+    assert fast_tokens == stock_tokens, arch
+
+
+def test_env_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEATBENCH_FAST_LINEAR", "0")
+    assert not enabled()
+    monkeypatch.setattr("bench.fastlinear.MIN_OUT", 1)
+    model, _, _ = load("tiny:llama")
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    monkeypatch.setenv("FEATBENCH_FAST_LINEAR", "1")
+    assert use_fast_linears(model) > 0
+    monkeypatch.setenv("FEATBENCH_FAST_LINEAR", "maybe")
+    with pytest.raises(ValueError, match="FEATBENCH_FAST_LINEAR='maybe'"):
+        enabled()
