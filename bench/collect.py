@@ -80,7 +80,10 @@ def windows(
     """Collection in windows of `window` texts from text `start`: (first text, end text, {site: columns}) per window,
     tokens in (prompt, position) order. Inside a window texts are batched by length (less padding).
     `sites_for(first, end)` may name fewer sites for a window (a resumed store that is further along)."""
-    device = next(p.device for p in model.parameters() if p.device.type != "meta")  # meta: offloaded by accelerate
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)  # meta: offloaded
+    if device is None:
+        raise ValueError("every weight of the model is on the meta device (offloaded by accelerate); give "
+                         "--device-map at least one real device")
     tokenizer.padding_side = "right"
     bar = tqdm(total=-(-(len(texts) - start) // batch_size), desc=desc, unit="batch", leave=False, disable=None)
     for first in range(start, len(texts), max(window, 1)):

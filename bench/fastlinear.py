@@ -1,4 +1,4 @@
-"""A faster layout for the unembedding on CPU, with the same result.
+"""A faster layout for the unembedding on CPU, equal to float32 rounding.
 
 `F.linear(x, W)` computes x @ W^T. On CPU builds of torch with MKL, that layout runs well below the machine's
 matmul rate when W is tall: the unembedding (lm_head) of a model with a large vocabulary, e.g. gemma-3-270m's
@@ -9,9 +9,12 @@ stays. `use_fast_linears(model)` gives every float32 `nn.Linear` of a CPU model 
 the second layout; the smaller linears of the blocks keep torch's (switching them as well did not measurably
 change the time of a sampling run).
 
-The two layouts take the same dot products over the same inputs; on the machines we measured they agree to the
-bit, and `tests/test_fastlinear.py` checks on every model family we support that logits, greedy tokens and
-hooks are unchanged. `FEATBENCH_FAST_LINEAR=0` turns the layout off. Weights stay where they are (tied embeddings
+The two layouts take the same dot products over the same inputs, but MKL may block the sum differently: at some
+row counts (e.g. 16 and 32 here) they agree to the bit, at others (2, 3, 5, 7) they differ in the last bits
+(about 1e-6 of a logit). That is float rounding, like a change of thread count, yet it can move a greedy
+near-tie or a bisection hit at the tolerance's edge, so every run records the setting in env.json
+(`fast_linear`). `tests/test_fastlinear.py` checks logits and greedy tokens on every model family we support.
+`FEATBENCH_FAST_LINEAR=0` turns the layout off. Weights stay where they are (tied embeddings
 stay tied); on other devices or dtypes the modules are left alone."""
 
 from __future__ import annotations

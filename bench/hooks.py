@@ -91,8 +91,8 @@ def steer(model: nn.Module, site: Site, vector: Tensor) -> Iterator[None]:
 def _rows(out: Any, rows: Tensor) -> Any:
     """A layer output (a tensor, or a tuple whose tensors lead with the batch) restricted to batch `rows`."""
     if isinstance(out, tuple):
-        return tuple(o[rows] if isinstance(o, Tensor) else o for o in out)
-    return out[rows]
+        return tuple(o[rows.to(o.device)] if isinstance(o, Tensor) else o for o in out)
+    return out[rows.to(out.device)]  # a device map may keep layer L-1 on another device than the inputs
 
 
 @contextmanager

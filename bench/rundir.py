@@ -29,6 +29,8 @@ def environment(device: str) -> dict[str, Any]:
     """One start of a run for env.json: featbench commit and dirty tree, time, host, pid, versions, hardware."""
     import importlib.metadata as md
 
+    from bench.fastlinear import enabled as fast_linear_enabled
+
     def version(pkg: str) -> str | None:
         try:
             return md.version(pkg)
@@ -50,6 +52,8 @@ def environment(device: str) -> dict[str, Any]:
                                                "scikit-learn", "openai", "gguf")},
         "device": device,
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+        "threads": torch.get_num_threads(),
+        "fast_linear": fast_linear_enabled(),  # bench.fastlinear: the CPU unembedding layout (float rounding)
         "models": {},
     }
 

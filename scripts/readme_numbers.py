@@ -208,7 +208,13 @@ def default_kl() -> str:
     wide = t.pivot(index=["layer", "side", "label"], columns="kl_target", values="cell").fillna("")
     wide.columns = [f"KL {c:g}" for c in wide.columns]
     wide = wide.reset_index().rename(columns={"label": "method"})
-    return _markdown(wide)
+    f = _frame(DEFAULT_RUN)
+    reached = f[(f["task"] == "feature_steering") & (f["metric"] == "reached")]
+    counts = reached.groupby(["layer", "method", "kl_target"])["value"].agg(lambda v: f"{int(v.sum())}/{len(v)}")
+    counts = counts.unstack("kl_target")
+    counts.columns = [f"KL {c:g}" for c in counts.columns]
+    return (_markdown(wide) + "\nCells (feature × sign) whose target the bisection reached; the means above are "
+            "over the reached cells only:\n\n" + _markdown(counts.reset_index()))
 
 
 @block("default-paired")
@@ -235,7 +241,8 @@ def _runtime(run: Path) -> str:
              "CPU time": f"{s['cpu_seconds'] / 60:.1f} min" if "cpu_seconds" in s else "n/a",
              "load avg at start / end": (f"{s['load_avg_start'][0]:.1f} / {s['load_avg_end'][0]:.1f}"
                                          if "load_avg_end" in s else "n/a"),
-             "cores": s.get("cpu_count", "n/a"), "commit": (s.get("featbench_commit") or "")[:7]}
+             "cores": s.get("cpu_count", "n/a"),
+             "commit": (s.get("featbench_commit") or "")[:7] + (" + uncommitted changes" if s.get("dirty") else "")}
             for s in starts if "seconds" in s]
     return _markdown(pd.DataFrame(rows))
 

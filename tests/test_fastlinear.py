@@ -1,12 +1,13 @@
-"""The fast CPU linear layout (bench.fastlinear): the same logits, hidden states and greedy tokens as torch's
-stock `nn.Linear` on every supported model family, steering hooks included; off with FEATBENCH_FAST_LINEAR=0."""
+"""The fast CPU linear layout (bench.fastlinear): logits equal to float32 rounding and the same greedy tokens as
+torch's stock `nn.Linear` on every supported model family, steering hooks included; the stock path where the
+layout does not apply; off with FEATBENCH_FAST_LINEAR=0."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bench.fastlinear import enabled, fast_linear_forward, use_fast_linears
+from bench.fastlinear import MAX_ROWS, enabled, fast_linear_forward, use_fast_linears
 from bench.models import load
 from bench.sites import Site
 from bench.steer import Sampling, left_pad, sample
@@ -21,21 +22,36 @@ def _stock(model: torch.nn.Module) -> list[torch.nn.Linear]:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7), (1, 7)])
-def test_forward_equals_linear(shape: tuple[int, ...], bias: bool) -> None:
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7), (1, 7), (3, 7, "transposed")])
+def test_forward_equals_linear(shape: tuple, bias: bool) -> None:  # noqa: ANN001
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(7, 11, bias=bias)
-    x = torch.randn(*shape, 7, generator=g)
+    if shape[-1] == "transposed":  # a non-contiguous input
+        shape = shape[:1]
+        x = torch.randn(7, *shape, generator=g).t()
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(*shape, 7, generator=g)
     got = fast_linear_forward(lin, x)
-    assert got.shape == (*shape, 11) and got.is_contiguous()
+    assert got.shape == (*x.shape[:-1], 11) and got.is_contiguous()
     torch.testing.assert_close(got, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-6, atol=1e-6)
 
 
-def test_grad_and_other_dtypes_take_the_stock_path() -> None:
+def test_grad_many_rows_and_other_dtypes_take_the_stock_path(monkeypatch: pytest.MonkeyPatch) -> None:
     lin = torch.nn.Linear(4, 3)
+
+    def no_mm(*_a: object, **_k: object) -> None:
+        raise AssertionError("the fast layout ran")
+
+    monkeypatch.setattr(torch, "mm", no_mm)
     x = torch.randn(2, 4, requires_grad=True)
     fast_linear_forward(lin, x).sum().backward()
     assert x.grad is not None and lin.weight.grad is not None
+    many = torch.randn(MAX_ROWS + 1, 4)
+    assert torch.equal(fast_linear_forward(lin, many), torch.nn.functional.linear(many, lin.weight, lin.bias))
+    big = torch.nn.Linear(4, 20000)
+    with pytest.raises(AssertionError, match="the fast layout ran"):  # while a few float32 rows do use it
+        fast_linear_forward(big, torch.randn(2, 4))
     big = torch.nn.Linear(4, 20000)
     assert use_fast_linears(big.to(torch.bfloat16)) == 0  # only float32 modules change
     assert use_fast_linears(torch.nn.Linear(4, 3)) == 0  # only unembedding-sized ones

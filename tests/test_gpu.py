@@ -132,7 +132,9 @@ def test_sae_training_on_cuda(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 
 # ----------------------------------------------------------------------------------------------- device maps
-SPLIT = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,  # tiny:llama over cuda:0 and CPU
+# tiny:llama with its second half mapped to the CPU: accelerate offloads those weights (kept on the CPU, moved to
+# cuda:0 to run), so this checks the offload path and the mixed placement of parameters, not compute on two devices
+SPLIT = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
          "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
 
 

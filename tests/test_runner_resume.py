@@ -109,6 +109,7 @@ def test_env_json_keeps_one_entry_per_start(tmp_path: Path) -> None:
         assert s["status"] == "finished" and s["ended"] >= s["started"] and 0 < s["seconds"] < 600
         assert s["cpu_seconds"] > 0 and len(s["load_avg_start"]) == len(s["load_avg_end"]) == 3
         assert s["models"]["tiny:gpt2"]["revision"].startswith("tiny-")
+        assert s["fast_linear"] is True and s["threads"] >= 1  # the float-rounding settings of the run
     assert starts[0]["started"] <= starts[1]["started"]
 
 
