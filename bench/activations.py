@@ -22,13 +22,13 @@ from torch import Tensor, nn
 
 from bench.collect import adds_bos, collect, tokenize, windows
 from bench.sites import Site
-from bench.store import SHARD_TOKENS, RowSource, ShardWriter, check_store, fsync, read_tensor
+from bench.store import COLUMNS, SHARD_TOKENS, RowSource, ShardWriter, check_store, fsync, read_tensor
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 2: BOS prepended for tokenizers that do not add it (GPT-2); 3: shard stores
 LOAD_WARN_BYTES = 4 * 2**30  # reading more than this of x into memory at once logs a warning
 READ_CHUNK = 65_536  # rows per read when loading a view's x
-__all__ = ["Activations", "ActivationCache", "adds_bos", "collect", "fsync", "iter_rows", "load_store", "memory_budget",
+__all__ = ["Activations", "ActivationCache", "adds_bos", "collect", "fsync", "load_store", "memory_budget",
            "pool", "tokenize", "windows"]
 
 
@@ -184,11 +184,6 @@ class Activations:
             return
         for start in range(0, len(self), chunk_tokens):
             yield self.x[start : start + chunk_tokens]
-
-
-def iter_rows(path: Path, name: str, chunk_tokens: int) -> Iterator[Tensor]:
-    """Rows of tensor `name` in a safetensors file, `chunk_tokens` at a time, without loading the rest."""
-    yield from RowSource([path], name).iter_chunks(chunk_tokens)
 
 
 def pool(values: Tensor, prompt_idx: Tensor, n_prompts: int, how: str = "max") -> Tensor:
@@ -359,12 +354,11 @@ def load_store(folder: Path, site: Site, model_id: str, texts: list[str], key: s
     """Activations of a finished store folder: the token columns in memory, x left in the shards (`source`)."""
     meta = json.loads((folder / "meta.json").read_text())
     cols = {c: torch.cat([read_tensor(folder / s["file"], c) for s in meta["shards"]]) if meta["shards"]
-            else torch.zeros(0, dtype=torch.long) for c in _COLUMNS[1:]}
+            else torch.zeros(0, dtype=torch.long) for c in COLUMNS[1:]}
     return Activations(None, site, model_id, cols["prompt_idx"], cols["position"],  # type: ignore[arg-type]
                        cols["token_ids"], texts, key=key or meta.get("key", ""), source=folder)
 
 
-_COLUMNS = ("x", "prompt_idx", "position", "token_ids")
 STALE_SECONDS = 3600.0  # a temp directory older than this belongs to a killed writer
 STALE_PARTIAL_SECONDS = 7 * 86400.0  # a partial store untouched this long is not resumed any more
 _TMP = re.compile(r"^\.[0-9a-f]+\.(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})\.")

@@ -118,15 +118,19 @@ def run(s: Settings, concepts: HierConcepts, out: Path, figures: Path | None = N
     from bench.sites import Site, n_layers, resolve_layers
     from methods.snmf_deep import DeepSNMF
 
+    def method_at(site: Site) -> DeepSNMF:
+        return DeepSNMF(site=site, ranks=tuple(s.ranks), sparsity=s.sparsity, max_iter=s.max_iter,
+                        patience=s.patience, tol=s.tol, tol_mode=s.tol_mode, seed=s.seed, device=s.device,
+                        fine_tune_steps=s.fine_tune_steps, fine_tune_lr=s.fine_tune_lr)
+
+    method_at(Site(0, "mlp"))._validate()  # bad ranks, sparsity or steps fail before the model loads
     t0, c0, stages = time.perf_counter(), time.process_time(), {}
     model, tok, prov = load(s.model, resolve_device(s.device))
     layer = resolve_layers([int(s.layer) if str(s.layer).lstrip("-").isdigit() else s.layer], n_layers(model))[0]
     site = Site(layer, "mlp")
     acts = ActivationCache().get(model, tok, s.model, prov["revision"], concepts.texts, [site], max_len=s.max_len)[site]
     stages["activations"] = time.perf_counter() - t0
-    method = DeepSNMF(site=site, ranks=tuple(s.ranks), sparsity=s.sparsity, max_iter=s.max_iter, patience=s.patience,
-                      tol=s.tol, tol_mode=s.tol_mode, seed=s.seed, device=s.device,
-                      fine_tune_steps=s.fine_tune_steps, fine_tune_lr=s.fine_tune_lr).fit(acts)
+    method = method_at(site).fit(acts)
     stages["fit"] = time.perf_counter() - t0 - sum(stages.values())
     meta = {"model": s.model, "revision": prov["revision"], "layer": layer, "site": str(site),
             "concepts": concepts.name, "n_tokens": len(acts), "n_sentences": len(concepts.texts)}

@@ -298,7 +298,7 @@ def load(model_id: str, device: str = "cpu", device_map: str | Mapping[str, str 
     from bench.fastlinear import use_fast_linears
     from bench.sites import arch_of
 
-    use_fast_linears(model)  # CPU float32 only: the same numbers, a faster matmul layout
+    use_fast_linears(model)  # the unembedding of a float32 CPU model: a faster matmul layout (float rounding)
 
     arch_of(model)  # refuse unsupported architectures up front
     return model, tok, prov

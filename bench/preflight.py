@@ -192,7 +192,7 @@ def check(cfg: RunConfig, out: Path | None) -> None:
     """Everything a run needs, before the model loads and before `out` is created: values, methods and tasks
     (built, so their own checks run), device, concept data, and, unless `out` is None (a dry run), writable
     places, installed packages and the judge endpoint. Raises ValueError or ModuleNotFoundError (one line)."""
-    from bench.activations import cache_root
+    from bench.activations import cache_root, memory_budget
     from bench.fastlinear import enabled
 
     methods, tasks = build_all(cfg)
@@ -200,6 +200,7 @@ def check(cfg: RunConfig, out: Path | None) -> None:
     for device in cfg.device_map.values() if isinstance(cfg.device_map, Mapping) else ():
         check_device(f"cuda:{device}" if isinstance(device, int) else device, "--device-map")
     enabled()  # a bad $FEATBENCH_FAST_LINEAR fails here, not at model load
+    memory_budget()  # and a bad $FEATBENCH_MEMORY_BUDGET
     check_concepts(cfg, tasks)
     if out is None:
         return

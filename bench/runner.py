@@ -138,7 +138,6 @@ class Run:
                 self.close()
                 raise
         self.done = {u["unit"] for u in read_jsonl(out / "units.jsonl")}
-        self.cache = ActivationCache()
         self.instructions = load_lines(None, "instructions.jsonl")
 
     def _open(self, resume: bool) -> None:

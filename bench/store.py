@@ -110,10 +110,6 @@ class RowSource:
             return cls([path / s["file"] for s in meta["shards"]])
         return cls([path])
 
-    @property
-    def nbytes(self) -> int:
-        return self.n * self.row_bytes
-
     def read(self, rows: Tensor) -> Tensor:
         """x[rows] for int64 rows [b] in any order: [b, d]."""
         rows = rows.long()

@@ -194,6 +194,16 @@ def test_bad_fast_linear_switch_is_refused(tmp_path: Path, monkeypatch: pytest.M
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_memory_budget_is_refused_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FEATBENCH_MEMORY_BUDGET", "lots")
+    _no_model_load(monkeypatch)
+    message = _refused(_argv({}, tmp_path / "run"), caplog, capsys)
+    assert "FEATBENCH_MEMORY_BUDGET='LOTS'" in message
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes through chmod 0o500")
 def test_read_only_out_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:

