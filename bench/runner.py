@@ -138,6 +138,7 @@ class Run:
                 self.close()
                 raise
         self.done = {u["unit"] for u in read_jsonl(out / "units.jsonl")}
+        self.cache = ActivationCache()  # for callers that read a run's data in process (bench.labeler_choice)
         self.instructions = load_lines(None, "instructions.jsonl")
 
     def _open(self, resume: bool) -> None:
