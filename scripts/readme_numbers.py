@@ -545,6 +545,27 @@ def judge_validation() -> str:
     return t.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
+@block("judge-validation-feature")
+def judge_validation_feature() -> str:
+    """Agreement of the offline judge's feature-concept rating with hand ratings of (label, text) pairs of the
+    default run (committed signals and labels; cross-validated), then the hand × judge counts."""
+    from bench.judge_validation_feature import agreement_table, label_counts
+
+    t = agreement_table()
+    names = {"n": "labelled pairs", "pairs": "pairs represented", "majority_exact": "majority class",
+             "shipped_exact": "judge exact", "shipped_kappa": "judge κ (quadratic)", "cv_exact": "CV exact",
+             "cv_kappa": "CV κ"}
+    t = t.rename(columns=names)
+    for c in list(names.values())[2:]:
+        t[c] = t[c].map(lambda v: f"{v:.2f}")
+    t["estimate"] = t["estimate"].map({"sample": "labelled pairs as drawn", "run": "whole run (weighted)"})
+    counts = [label_counts(weighted=w).rename_axis("hand \\ judge").reset_index() for w in (False, True)]
+    return (t.to_markdown(index=False, disable_numparse=True)
+            + "\n\nHand rating (rows) × judge rating with the shipped thresholds (columns), labelled pairs:\n\n"
+            + _markdown(counts[0]) + "\nThe same weighted to the whole run (estimated pairs):\n\n"
+            + _markdown(counts[1]))
+
+
 @block("labeler-choice")
 def labeler_choice() -> str:
     """The offline labeler and prompt chosen by measurement (bench/data/labeler_choice.csv, written by
