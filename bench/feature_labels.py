@@ -62,9 +62,11 @@ class LabelSettings:
     labeler: str = "gemma-3-270m-gguf"  # local model labelling under the offline judge (bench.labeler_choice)
     max_new_tokens: int = 16  # label length (tokens) of the local labeler
     local_window: int = 5  # tokens either side of a top token shown to the local labeler (short prompts)
+    batch_size: int = 64  # prompts per decoding batch of the local labeler (decoding steps are bound by reading
+    # the unembedding, so one batch of every prompt of a unit costs little more than a batch of 16)
 
     def __post_init__(self) -> None:
-        for name in ("n_top", "n_show", "n_vocab", "n_vocab_show", "max_new_tokens"):
+        for name in ("n_top", "n_show", "n_vocab", "n_vocab_show", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"feature_labels.{name} must be at least 1, got {getattr(self, name)}")
         for name in ("window", "local_window"):
@@ -198,7 +200,7 @@ def _label(method: Any, feats: list[int], ctx: Any, s: LabelSettings, templates:
             prompts.append(_prompt(templates["output"], style,
                                    tokens=render_vocab(vocab[j][sign][: s.n_vocab_show], style)))
             tags.append(templates["output"].tag)
-    w = writer(ctx.judge, s.labeler, ctx.device, s.max_new_tokens)
+    w = writer(ctx.judge, s.labeler, ctx.device, s.max_new_tokens, s.batch_size)
     answers: list[dict[str, str | None]] = [{} for _ in feats]
     for (j, side), a in zip(jobs, complete_grouped(w, prompts, tags), strict=True):
         answers[j][side] = a

@@ -4,7 +4,10 @@ reference's per-feature bisection, on the same prompts, batch, directions and se
 Sampling: `--batch` rows of "I think that" (BOS included), each with its own steering vector at the site, decoded
 for `--new-tokens` tokens with the paper's sampling (temperature 1, top-k 30, top-p 0.3 passed to `generate` as
 the reference does; `--top-p` sets both) by Hugging Face `generate` (the steering hook around it) and by
-`bench.steer.sample`; tokens/s are best of `--repeats`.
+`bench.steer.sample`; tokens/s are best of `--repeats`. `generate` runs twice: on the model as transformers gives
+it (the baseline of the summary line: what a user without featbench runs), and on the model with featbench's CPU
+unembedding layout (`bench.fastlinear`, which `bench.models.load` applies and `sample` uses), so the gain of the
+decode loop alone is printed too. On a GPU or with `FEATBENCH_FAST_LINEAR=0` the two are the same model.
 
 Calibration: alpha of `--features` random unit directions x 7 KL targets x 2 signs. Batched: `bench.steer.calibrate`,
 every row at once (20 batched forwards, each starting at the steered layer on the prompt's recorded prefix).
@@ -12,7 +15,8 @@ Per-feature: the reference's loop, `bisect_one` per (feature, sign, target), one
 timed on `--per-feature-rows` rows and scaled linearly to all rows (each row costs the same 20 forwards), which
 the output says.
 
-Ends with `sampling: R x generate` and `calibration: R x per-feature`; `--json PATH` also writes the numbers.
+Ends with `sampling: R x generate`, `sampling, same layout: R x generate` and `calibration: R x per-feature`;
+`--json PATH` also writes the numbers.
 Usage: bench perf steer_speed [--model gemma-3-270m-gguf] [--layer middle] [--batch 32] [--new-tokens 50]
 """
 
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bench.fastlinear import stock_layout
 from bench.features import steering_target
 from bench.hooks import steer
 from bench.models import load
@@ -85,6 +90,8 @@ def main() -> None:
     rows = [prompt] * args.batch
     sampling = Sampling(args.new_tokens, 1.0, args.top_k, args.top_p)
     pad = tok.pad_token_id or 0
+    with stock_layout(model) as n_stock:
+        t_stock = _best(lambda: _generate(model, tok, rows, site, vectors, args), args.repeats)
     t_gen = _best(lambda: _generate(model, tok, rows, site, vectors, args), args.repeats)
     t_ours = _best(lambda: sample(model, rows, sampling, site=site, vectors=vectors, seed=args.seed,
                                   batch_size=args.batch, pad_id=pad, device=args.device), args.repeats)
@@ -92,7 +99,9 @@ def main() -> None:
     print(f"\nsampling: batch {args.batch}, {args.new_tokens} new tokens, top-k {args.top_k}, top-p {args.top_p}, "
           f"temperature 1 (best of {args.repeats})")
     print(f"{'':<28}{'s':>8}{'tok/s':>9}")
-    print(f"{'generate (baseline)':<28}{t_gen:>8.2f}{n_tok / t_gen:>9.1f}")
+    print(f"{'generate (baseline)':<28}{t_stock:>8.2f}{n_tok / t_stock:>9.1f}")
+    print(f"{'generate, featbench layout':<28}{t_gen:>8.2f}{n_tok / t_gen:>9.1f}"
+          + ("" if n_stock else "  (no module changed: the same model as the baseline)"))
     print(f"{'featbench sample()':<28}{t_ours:>8.2f}{n_tok / t_ours:>9.1f}")
 
     # calibration: every feature x sign x target
@@ -117,13 +126,15 @@ def main() -> None:
     print(f"{'per-feature (baseline)':<28}{t_per:>8.1f} s  (timed on {m} rows: {t_row:.3f} s/row, scaled "
           f"to {len(targets)})")
     print(f"{'featbench batched':<28}{t_batched:>8.1f} s")
-    print(f"\nsampling: {t_gen / t_ours:.1f}x generate")
+    print(f"\nsampling: {t_stock / t_ours:.1f}x generate")
+    print(f"sampling, same layout: {t_gen / t_ours:.1f}x generate")
     print(f"calibration: {t_per / t_batched:.1f}x per-feature")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "settings": {k: v for k, v in vars(args).items() if k != "json"}, "layer": layer, "site": str(site),
-            "threads": torch.get_num_threads(), "generate_s": t_gen, "sample_s": t_ours, "new_tokens_total": n_tok,
+            "threads": torch.get_num_threads(), "generate_stock_s": t_stock, "generate_s": t_gen,
+            "fast_layout_modules": n_stock, "sample_s": t_ours, "new_tokens_total": n_tok,
             "calibration_rows": len(targets), "per_feature_rows_timed": m, "per_feature_s_per_row": t_row,
             "per_feature_s": t_per, "batched_s": t_batched}, indent=1))
 

@@ -123,16 +123,17 @@ def concepts_table() -> str:
     return _table(CONCEPTS_RUN, MAIN)
 
 
-def _comparisons(run: Path, keep: set[tuple[str, str]], two_sample: bool) -> str:
+def _comparisons(run: Path, keep: set[tuple[str, str]], two_sample: bool, width: bool = False) -> str:
     """The rows of `bench.report.paired` for the (task, metric) pairs in `keep`, as a Markdown table; n is the
-    number of shared concepts, or "features of a vs b" for two-sample comparisons."""
+    number of shared concepts, or "features of a vs b" for two-sample comparisons; `width` adds the CI's width."""
     from bench.report import paired
 
     table = paired(_frame(run))
     table = table[[(t, m) in keep for t, m in zip(table["task"], table["metric"], strict=True)]]
     rows = [{"task: metric": f"{r.task}: {r.metric}", "layer": int(r.layer), "a − b": f"{r.a} − {r.b}",
              **({"features": f"{int(r.n)} vs {int(r.n_b)}"} if two_sample else {"n": int(r.n)}),
-             "difference [95% CI]": f"{r.diff:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]", "p": _p(r.p_value),
+             "difference [95% CI]": f"{r.diff:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]",
+             **({"CI width": f"{r.ci_high - r.ci_low:.2f}"} if width else {}), "p": _p(r.p_value),
              ("P(a > b)" if two_sample else "a wins"): f"{r.win_rate:.0%}"} for r in table.itertuples()]
     return _markdown(pd.DataFrame(rows))
 
@@ -220,7 +221,39 @@ def default_kl() -> str:
 @block("default-paired")
 def default_paired() -> str:
     """Comparisons between methods in the default run (two-sample: each method has its own features)."""
-    return _comparisons(DEFAULT_RUN, {("feature_steering", "score"), ("feature_detection", "s_cd")}, two_sample=True)
+    return _comparisons(DEFAULT_RUN, {("feature_steering", "score"), ("feature_detection", "s_cd")}, two_sample=True,
+                        width=True)
+
+
+@block("default-size")
+def default_size() -> str:
+    """The default run's sample, counted from its records and samples: per method and layer, features labelled,
+    steered and scored for S_CD, signs, KL targets, continuations per (feature, sign, target) and their length,
+    and the generations judged."""
+    import json
+
+    recs = _frame(DEFAULT_RUN)
+    cfg = json.loads((DEFAULT_RUN / "config.json").read_text())
+    steer = recs[recs["task"] == "feature_steering"]
+    samples = pd.read_json(DEFAULT_RUN / "samples.jsonl", lines=True)
+    gens = samples[samples["kind"] == "feature_steering"]
+    rows = []
+    for (method, layer), g in steer.groupby(["method", "layer"], sort=True):
+        mine = gens[(gens["method"] == method) & (gens["layer"] == layer)]
+        per_cell = mine.groupby(["feature", "sign", "kl_target"]).size()
+
+        def n_features(task: str, method: str = method, layer: int = layer) -> int:
+            sel = recs[(recs["task"] == task) & (recs["method"] == method) & (recs["layer"] == layer)]
+            return int(sel["feature"].dropna().nunique())
+
+        rows.append({"method": method, "layer": int(layer), "features labelled": n_features("feature_labels"),
+                     "features steered": int(g["feature"].dropna().nunique()),
+                     "features with S_CD": n_features("feature_detection"),
+                     "signs": int(g["sign"].dropna().nunique()), "KL targets": int(g["kl_target"].dropna().nunique()),
+                     "continuations per cell": int(per_cell.max()) if len(per_cell) else 0,
+                     "tokens each": int(cfg["task"]["feature_steering"].get("max_new_tokens", 24)),
+                     "generations judged": len(mine)})
+    return _markdown(pd.DataFrame(rows))
 
 
 @block("default-labels")
@@ -479,7 +512,11 @@ def perf_steer() -> str:
 
     g = json.loads((PERF / "steer_speed.json").read_text())
     st = g["settings"]
-    rows = [{"what": f"sampling, batch {st['batch']} × {st['new_tokens']} tokens", "baseline": "`generate`",
+    what = f"sampling, batch {st['batch']} × {st['new_tokens']} tokens"
+    stock = ([{"what": what, "baseline": "`generate` (stock model)", "baseline s": f"{g['generate_stock_s']:.1f}",
+               "featbench s": f"{g['sample_s']:.1f}", "ratio": f"{g['generate_stock_s'] / g['sample_s']:.1f}×"}]
+             if "generate_stock_s" in g else [])  # benchmark outputs before the stock baseline was added
+    rows = [*stock, {"what": what, "baseline": "`generate` (featbench's unembedding layout)",
              "baseline s": f"{g['generate_s']:.1f}", "featbench s": f"{g['sample_s']:.1f}",
              "ratio": f"{g['generate_s'] / g['sample_s']:.1f}×"},
             {"what": f"calibration, {st['features']} features × 7 targets × 2 signs", "baseline": "per feature",

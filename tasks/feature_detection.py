@@ -62,7 +62,7 @@ class FeatureDetection:
     generator: str = "gemma-3-270m-gguf"  # local model writing sentences under the offline judge (as labeler)
     max_new_tokens: int = 40  # sentence length (tokens) of the local generator
     max_len: int = 64  # tokens per sentence when reading activations
-    batch_size: int = 16
+    batch_size: int = 64  # prompts per decoding batch of the local generator; sentences per activation batch
 
     needs_judge: ClassVar[bool] = True
     main_metric: ClassVar[str] = "s_cd_positive"

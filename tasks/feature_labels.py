@@ -39,6 +39,7 @@ class FeatureLabels:
     labeler: str = "gemma-3-270m-gguf"  # local model labelling under the offline judge (bench.labeler_choice)
     max_new_tokens: int = 16  # label length (tokens) of the local labeler
     local_window: int = 5  # tokens either side of a top token shown to the local labeler (short prompts)
+    batch_size: int = 64  # prompts per decoding batch of the local labeler
 
     needs_judge: ClassVar[bool] = True
     main_metric: ClassVar[str] = "labelled"

