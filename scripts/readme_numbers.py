@@ -48,8 +48,8 @@ def _frame(*dirs: Path) -> pd.DataFrame:
     return load([str(d) for d in dirs])
 
 
-def _markdown(table: pd.DataFrame) -> str:
-    return table.to_markdown(index=False) + "\n"
+def _markdown(table: pd.DataFrame, numparse: bool = True) -> str:
+    return table.to_markdown(index=False, disable_numparse=not numparse) + "\n"
 
 
 BLOCKS: dict[str, Callable[[], str]] = {}
@@ -135,7 +135,7 @@ def _comparisons(run: Path, keep: set[tuple[str, str]], two_sample: bool, width:
              "difference [95% CI]": f"{r.diff:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]",
              **({"CI width": f"{r.ci_high - r.ci_low:.2f}"} if width else {}), "p": _p(r.p_value),
              ("P(a > b)" if two_sample else "a wins"): f"{r.win_rate:.0%}"} for r in table.itertuples()]
-    return _markdown(pd.DataFrame(rows))
+    return _markdown(pd.DataFrame(rows), numparse=not width)  # keep "0.20" and "0.004" as written
 
 
 def _p(p: float) -> str:
