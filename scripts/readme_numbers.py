@@ -523,7 +523,7 @@ def perf_steer() -> str:
              "baseline s": f"{g['per_feature_s']:.0f} (timed on {g['per_feature_rows_timed']} rows)",
              "featbench s": f"{g['batched_s']:.1f}", "ratio": f"{g['per_feature_s'] / g['batched_s']:.1f}×"}]
     head = f"{st['model']} layer {g['layer']}, {g['threads']} threads, {st['device']}:\n\n"
-    return head + _markdown(pd.DataFrame(rows))
+    return head + _markdown(pd.DataFrame(rows), numparse=False)
 
 
 @block("perf-linear")
