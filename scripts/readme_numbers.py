@@ -227,13 +227,12 @@ def default_paired() -> str:
 
 @block("default-size")
 def default_size() -> str:
-    """The default run's sample, counted from its records and samples: per method and layer, features labelled,
-    steered and scored for S_CD, signs, KL targets, continuations per (feature, sign, target) and their length,
-    and the generations judged."""
-    import json
-
-    recs = _frame(DEFAULT_RUN)
-    cfg = json.loads((DEFAULT_RUN / "config.json").read_text())
+    """The default run's sample, counted from its records and samples: per method and layer, the features sampled
+    (steered), those with an input label, a steering score and an S_CD (a feature without a label, or whose
+    sentences give no S_CD, stays unscored), signs, KL targets, continuations per (feature, sign, target), their
+    length (the task's `max_new_tokens`, from the records) and the generations judged."""
+    recs = pd.read_json(DEFAULT_RUN / "records.jsonl", lines=True, dtype=False)
+    recs["value"] = pd.to_numeric(recs["value"], errors="coerce")
     steer = recs[recs["task"] == "feature_steering"]
     samples = pd.read_json(DEFAULT_RUN / "samples.jsonl", lines=True)
     gens = samples[samples["kind"] == "feature_steering"]
@@ -241,17 +240,22 @@ def default_size() -> str:
     for (method, layer), g in steer.groupby(["method", "layer"], sort=True):
         mine = gens[(gens["method"] == method) & (gens["layer"] == layer)]
         per_cell = mine.groupby(["feature", "sign", "kl_target"]).size()
+        own = recs[(recs["method"] == method) & (recs["layer"] == layer)]
 
-        def n_features(task: str, method: str = method, layer: int = layer) -> int:
-            sel = recs[(recs["task"] == task) & (recs["method"] == method) & (recs["layer"] == layer)]
-            return int(sel["feature"].dropna().nunique())
+        def scored(task: str, metric: str, own: pd.DataFrame = own) -> int:
+            sel = own[(own["task"] == task) & (own["metric"] == metric) & own["value"].notna()]
+            if metric.endswith("labelled"):
+                sel = sel[sel["value"] > 0]
+            return int(sel["feature"].nunique())
 
-        rows.append({"method": method, "layer": int(layer), "features labelled": n_features("feature_labels"),
-                     "features steered": int(g["feature"].dropna().nunique()),
-                     "features with S_CD": n_features("feature_detection"),
+        tokens = {int(p["max_new_tokens"]) for p in g["task_params"] if isinstance(p, dict) and "max_new_tokens" in p}
+        rows.append({"method": method, "layer": int(layer), "features sampled": int(g["feature"].dropna().nunique()),
+                     "with an input label": scored("feature_labels", "input_labelled"),
+                     "with a steering score": scored("feature_steering", "score"),
+                     "with S_CD": scored("feature_detection", "s_cd"),
                      "signs": int(g["sign"].dropna().nunique()), "KL targets": int(g["kl_target"].dropna().nunique()),
                      "continuations per cell": int(per_cell.max()) if len(per_cell) else 0,
-                     "tokens each": int(cfg["task"]["feature_steering"].get("max_new_tokens", 24)),
+                     "tokens each": ", ".join(str(t) for t in sorted(tokens)),
                      "generations judged": len(mine)})
     return _markdown(pd.DataFrame(rows))
 
@@ -514,11 +518,11 @@ def perf_steer() -> str:
     st = g["settings"]
     what = f"sampling, batch {st['batch']} × {st['new_tokens']} tokens"
     stock = ([{"what": what, "baseline": "`generate` (stock model)", "baseline s": f"{g['generate_stock_s']:.1f}",
-               "featbench s": f"{g['sample_s']:.1f}", "ratio": f"{g['generate_stock_s'] / g['sample_s']:.1f}×"}]
+               "featbench s": f"{g['sample_s']:.1f}", "ratio": f"{g['generate_stock_s'] / g['sample_s']:.2f}×"}]
              if "generate_stock_s" in g else [])  # benchmark outputs before the stock baseline was added
     rows = [*stock, {"what": what, "baseline": "`generate` (featbench's unembedding layout)",
              "baseline s": f"{g['generate_s']:.1f}", "featbench s": f"{g['sample_s']:.1f}",
-             "ratio": f"{g['generate_s'] / g['sample_s']:.1f}×"},
+             "ratio": f"{g['generate_s'] / g['sample_s']:.2f}×"},
             {"what": f"calibration, {st['features']} features × 7 targets × 2 signs", "baseline": "per feature",
              "baseline s": f"{g['per_feature_s']:.0f} (timed on {g['per_feature_rows_timed']} rows)",
              "featbench s": f"{g['batched_s']:.1f}", "ratio": f"{g['per_feature_s'] / g['batched_s']:.1f}×"}]

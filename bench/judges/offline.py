@@ -71,6 +71,10 @@ def fluency_rating(excess: float, rep: Mapping[str, float], th: OfflineThreshold
 
 
 NLL_CHUNK = 128  # positions per unembedding call in `mean_token_nll` (the fast CPU layout's row limit)
+# Families whose causal-LM head is exactly `lm_head(decoder(...).last_hidden_state)` (the final norm inside the
+# decoder), plus Gemma-2's soft-capping: the rows of bench.sites.ARCHS. Any other model takes the full-logits path
+# (a family that scales its logits would otherwise be scored wrong without notice).
+CHUNKED_NLL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "gemma2", "gemma3_text"})
 
 
 def mean_token_nll(model: Any, enc: Mapping[str, Tensor], chunk: int = NLL_CHUNK) -> Tensor:
@@ -79,29 +83,32 @@ def mean_token_nll(model: Any, enc: Mapping[str, Tensor], chunk: int = NLL_CHUNK
     Equals `-log_softmax(model(**enc).logits)` gathered at the next tokens and averaged over the real ones, but
     never holds the [b, t, vocabulary] logits: the backbone's final hidden states of the real positions go
     through the unembedding `chunk` rows at a time (a logsumexp per row; Gemma-2's final logit soft-capping
-    applied). Models without a separate backbone and output embedding take the full-logits path."""
+    applied). Models of other families (`CHUNKED_NLL_TYPES`) take the full-logits path."""
     import torch
 
     ids, mask = enc["input_ids"], enc["attention_mask"]
     target, valid = ids[:, 1:], mask[:, 1:].bool()  # [b, t - 1]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    known = getattr(getattr(model, "config", None), "model_type", None) in CHUNKED_NLL_TYPES
+    head = model.get_output_embeddings() if known and hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if known and hasattr(model, "get_decoder") else None
     if head is None or decoder is None or decoder is model:
         logp = torch.log_softmax(model(**enc, use_cache=False).logits[:, :-1].float(), -1)
         token = -logp.gather(-1, target[..., None])[..., 0]  # [b, t - 1]
         return (token * valid).sum(1) / valid.sum(1).clamp(min=1)
-    hidden = decoder(**enc, use_cache=False).last_hidden_state[:, :-1][valid]  # [n real positions, d]
-    want = target[valid]  # [n]
+    hidden = decoder(**enc, use_cache=False).last_hidden_state[:, :-1]  # [b, t - 1, d]
+    valid, target = valid.to(hidden.device), target.to(hidden.device)  # a device map may leave them elsewhere
+    hidden, want = hidden[valid], target[valid]  # [n real positions, d], [n]
     cap = getattr(model.config, "final_logit_softcapping", None)
     token = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
     for s in range(0, len(hidden), chunk):
-        logits = head(hidden[s : s + chunk]).float()  # [chunk, V]
+        logits = head(hidden[s : s + chunk]).float()  # [chunk, V], on the head's device
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        token[s : s + chunk] = torch.logsumexp(logits, -1) - logits.gather(-1, want[s : s + chunk, None])[:, 0]
-    row = torch.arange(len(ids), device=ids.device)[:, None].expand_as(valid)[valid]  # [n]
+        part = want[s : s + chunk, None].to(logits.device)
+        token[s : s + chunk] = (torch.logsumexp(logits, -1) - logits.gather(-1, part)[:, 0]).to(token.device)
+    row = torch.arange(len(ids), device=valid.device)[:, None].expand_as(valid)[valid]  # [n]
     sums = torch.zeros(len(ids), dtype=torch.float32, device=token.device).index_add_(0, row, token)
-    return sums / valid.sum(1).clamp(min=1)
+    return (sums / valid.sum(1).clamp(min=1)).to(ids.device)
 
 
 class OfflineGrader:
