@@ -626,5 +626,22 @@ def labeler_choice() -> str:
             + rank.to_markdown(index=False) + "\n")
 
 
+@block("labeling-labeler-choice")
+def labeling_labeler_choice() -> str:
+    """The labeling task's offline labeler chosen by measurement (bench/data/labeling_labeler_choice.csv, written by
+    `python -m bench.labeling_labeler_choice RUN_DIR...` from one labeling run per labeler): per labeler the means
+    over layers and methods and the lift difference to the incumbent with its bootstrap CI, then per unit."""
+    from bench.labeling_labeler_choice import OUT, overall, summary
+    from tasks.labeling import Labeling
+
+    frame = pd.read_csv(OUT)
+    head = (f"Names the concept = cos(label, description) >= {Labeling().concept_threshold}; lift = names its "
+            "concept − names another concept, mean over layers, methods, both sides and concepts; distinct and echo "
+            "shares of all labelled features; the CI resamples concepts:\n\n")
+    return (head + overall(frame).to_markdown(index=False, disable_numparse=True)
+            + "\n\nPer layer and method (base: the label against other concepts' descriptions):\n\n"
+            + summary(frame).to_markdown(index=False, disable_numparse=True) + "\n")
+
+
 if __name__ == "__main__":
     sys.exit(main())

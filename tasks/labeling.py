@@ -18,11 +18,12 @@ Protocol, per (model, layer, method):
 
 Back ends. An LLM judge (`--judge fake | openai:<model> | hf:<id>`) writes the labels and scores them with the
 templates `tasks/prompts/labeling_{input,output,detection,concept}.txt`. With the offline judge (the default) a
-local model, `labeler` (SmolLM2-135M-Instruct), writes the labels by completing the few-shot templates
-`labeling_{input,output}_local.txt` (it follows examples, not instructions), and the offline judge's sentence
-embeddings (all-MiniLM-L6-v2) score them: a context counts as active when cos(label, context) >= `threshold`
-(0.15: the best fixed threshold when each concept's description is the label and its train texts vs the rest
-are the contexts, accuracy 0.86); a label names a concept when cos(label, description) >= `concept_threshold`
+local model, `labeler` (SmolLM2-135M-Instruct; kept over gemma-3-270m by measurement on the concepts preset,
+`bench.labeling_labeler_choice` and bench/data/labeling_labeler_choice.csv), writes the labels by completing the
+few-shot templates `labeling_{input,output}_local.txt` (it follows examples, not instructions), and the offline
+judge's sentence embeddings (all-MiniLM-L6-v2) score them: a context counts as active when cos(label, context) >=
+`threshold` (0.15: the best fixed threshold when each concept's description is the label and its train texts vs
+the rest are the contexts, accuracy 0.86); a label names a concept when cos(label, description) >= `concept_threshold`
 (0.28: agrees with a hand reading on 46 of 48 (label, concept) pairs of the default model's middle layer).
 Labels, judge answers and cosines are cached in the judge's SQLite cache, so a rerun makes no calls.
 
@@ -110,7 +111,8 @@ class Labeling:
     label_window: int = 5  # tokens either side of the peak shown to the labeler and the judge
     n_score: int = 5  # held-out top contexts, and as many random ones, per feature for detection scoring
     n_output_tokens: int = 10  # vocabulary tokens per sign on the output side
-    labeler: str = "smollm2-135m-gguf"  # the local instruct model that labels when --judge is offline
+    labeler: str = "smollm2-135m-gguf"  # the local model that labels when --judge is offline (measured choice:
+    # bench.labeling_labeler_choice; tests/test_labeling_labeler_choice.py ties it to the committed CSV)
     max_new_tokens: int = 10  # label length (tokens) for the local labeler
     batch_size: int = 16  # prompts per generate() call of the local labeler
     threshold: float = 0.15  # offline scorer: active when cos(label, context) >= threshold
