@@ -286,16 +286,23 @@ def label_counts(labels: pd.DataFrame | None = None) -> pd.DataFrame:
     return long.groupby(["aspect", "set"])["value"].value_counts().unstack(fill_value=0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.judge_validation", description=__doc__.splitlines()[0])
-    parser.add_argument("--signals", action="store_true",
-                        help=f"remeasure the raw signals with MiniLM and {SCORER} and write bench/data/{SIGNALS_FILE}")
+def cli_parser(module: str, doc: str | None, signals_help: str, expected_file: str) -> argparse.ArgumentParser:
+    """The command line shared by the judge-validation modules: --signals, --write-expected, --folds, --seed,
+    --device."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").splitlines()[0])
+    parser.add_argument("--signals", action="store_true", help=signals_help)
     parser.add_argument("--write-expected", action="store_true",
-                        help=f"write the table to bench/data/{EXPECTED_FILE} (the drift test compares against it)")
+                        help=f"write the table to bench/data/{expected_file} (the drift test compares against it)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = cli_parser("bench.judge_validation", __doc__,
+                      f"remeasure the raw signals with MiniLM and {SCORER} and write bench/data/{SIGNALS_FILE}",
+                      EXPECTED_FILE).parse_args(argv)
     labels = load_labels()
     if args.signals:
         compute_signals(labels, device=args.device).to_csv(package_data(SIGNALS_FILE), index=False)

@@ -33,7 +33,6 @@ the weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -48,7 +47,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from bench.data import package_data
 from bench.judge import OfflineGrader, OfflineThresholds
-from bench.judge_validation import GRIDS, _best, _mode, _pairs, _step, kappa
+from bench.judge_validation import GRIDS, _best, _mode, _pairs, _step, cli_parser, kappa
 
 log = logging.getLogger(__name__)
 LABELS_FILE = "judge_validation_feature.jsonl"
@@ -262,16 +261,9 @@ def label_counts(labels: pd.DataFrame | None = None, signals: pd.DataFrame | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.judge_validation_feature",
-                                     description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--signals", action="store_true",
-                        help=f"remeasure the cosines with MiniLM and write bench/data/{SIGNALS_FILE}")
-    parser.add_argument("--write-expected", action="store_true",
-                        help=f"write the table to bench/data/{EXPECTED_FILE} (the drift test compares against it)")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    args = cli_parser("bench.judge_validation_feature", __doc__,
+                      f"remeasure the cosines with MiniLM and write bench/data/{SIGNALS_FILE}",
+                      EXPECTED_FILE).parse_args(argv)
     labels = load_labels()
     if args.signals:
         compute_signals(labels, OfflineGrader(device=args.device)).to_csv(package_data(SIGNALS_FILE), index=False)

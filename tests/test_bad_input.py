@@ -184,23 +184,17 @@ def test_unwritable_cache_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_fast_linear_switch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           caplog: pytest.LogCaptureFixture,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("FEATBENCH_FAST_LINEAR", "fast")
+@pytest.mark.parametrize(("variable", "value", "named"), [
+    ("FEATBENCH_FAST_LINEAR", "fast", "FEATBENCH_FAST_LINEAR='fast'"),
+    ("FEATBENCH_MEMORY_BUDGET", "lots", "FEATBENCH_MEMORY_BUDGET='LOTS'"),
+])
+def test_bad_environment_switch_is_refused_before_the_model_loads(
+        variable: str, value: str, named: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(variable, value)
     _no_model_load(monkeypatch)
     message = _refused(_argv({}, tmp_path / "run"), caplog, capsys)
-    assert "FEATBENCH_FAST_LINEAR='fast'" in message
-    assert not (tmp_path / "run").exists()
-
-
-def test_bad_memory_budget_is_refused_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              caplog: pytest.LogCaptureFixture,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("FEATBENCH_MEMORY_BUDGET", "lots")
-    _no_model_load(monkeypatch)
-    message = _refused(_argv({}, tmp_path / "run"), caplog, capsys)
-    assert "FEATBENCH_MEMORY_BUDGET='LOTS'" in message
+    assert named in message
     assert not (tmp_path / "run").exists()
 
 
