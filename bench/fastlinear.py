@@ -2,12 +2,13 @@
 
 `F.linear(x, W)` computes x @ W^T. On CPU builds of torch with MKL, that layout runs well below the machine's
 matmul rate when W is tall: the unembedding (lm_head) of a model with a large vocabulary, e.g. gemma-3-270m's
-[262144, 640], at the few rows of a decoding or labelling step. Computing (W @ x^T)^T instead takes the same dot
-products in a faster kernel (`bench perf linear_layout` measures both). The gain shrinks as rows grow and turns
-into a loss for a scoring pass over every position (hundreds of rows), so above `MAX_ROWS` rows torch's layout
-stays. `use_fast_linears(model)` gives every float32 `nn.Linear` of a CPU model with at least `MIN_OUT` outputs
-the second layout; the smaller linears of the blocks keep torch's (switching them as well did not measurably
-change the time of a sampling run).
+[262144, 640]. featbench computes the same dot products as (W_c @ x^T)^T for blocks W_c of `CHUNK` rows of W,
+each written into its columns of the output: every block's product and its transpose stay in cache, where one
+product over all of W (and the transpose of its [V, n] result) would not. `bench perf linear_layout` measures
+both layouts at the rows of a decoding step, a labelling batch and a scoring pass; the blocked one is faster at
+all of them. `use_fast_linears(model)` gives every float32 `nn.Linear` of a CPU model with at least `MIN_OUT`
+outputs this layout; the smaller linears of the blocks keep torch's (at a decoding step they wait on memory,
+not on the kernel).
 
 The two layouts take the same dot products over the same inputs, but MKL may block the sum differently: at some
 row counts (e.g. 16 and 32 here) they agree to the bit, at others (2, 3, 5, 7) they differ in the last bits
@@ -15,7 +16,8 @@ row counts (e.g. 16 and 32 here) they agree to the bit, at others (2, 3, 5, 7) t
 near-tie or a bisection hit at the tolerance's edge, so every run records the setting in env.json
 (`fast_linear`). `tests/test_fastlinear.py` checks logits and greedy tokens on every model family we support.
 `FEATBENCH_FAST_LINEAR=0` turns the layout off. Weights stay where they are (tied embeddings
-stay tied); on other devices or dtypes the modules are left alone."""
+stay tied); on other devices or dtypes, and for inputs that need a gradient, the modules run torch's own
+forward."""
 
 from __future__ import annotations
 
@@ -31,20 +33,22 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 ENV = "FEATBENCH_FAST_LINEAR"
 MIN_OUT = 16384  # outputs: vocabularies, not the blocks' projections
-MAX_ROWS = 128  # rows: decoding and labelling batches; a scoring pass over every position keeps torch's layout
+CHUNK = 1024  # rows of W per product (`bench perf linear_layout --chunks` measures others)
 
 
 def fast_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
-    """`nn.Linear.forward` as (W @ x^T)^T: x [..., d_in] -> [..., d_out] (float32 CPU tensors; else the stock
-    path)."""
-    flat = x.reshape(-1, x.shape[-1])  # [n, d_in]
-    if (x.dtype != torch.float32 or x.device.type != "cpu" or self.weight.dtype != torch.float32 or x.requires_grad
-            or flat.shape[0] > MAX_ROWS):
+    """`nn.Linear.forward` as (W_c @ x^T)^T per block W_c of `CHUNK` rows of W: x [..., d_in] -> [..., d_out]
+    (float32 CPU tensors that need no gradient; else torch's own path)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or self.weight.dtype != torch.float32 or x.requires_grad:
         return nn.functional.linear(x, self.weight, self.bias)
-    y = torch.mm(self.weight, flat.t()).t()  # [n, d_out], a transposed view
+    flat = x.reshape(-1, x.shape[-1])  # [n, d_in]
+    xt, w = flat.t(), self.weight  # [d_in, n], [d_out, d_in]
+    out = torch.empty(flat.shape[0], w.shape[0], dtype=x.dtype)  # [n, d_out]
+    for start in range(0, w.shape[0], CHUNK):
+        out[:, start : start + CHUNK] = torch.mm(w[start : start + CHUNK], xt).t()  # [n, c]
     if self.bias is not None:
-        y = y + self.bias
-    return y.contiguous().view(*x.shape[:-1], self.weight.shape[0])
+        out += self.bias
+    return out.view(*x.shape[:-1], w.shape[0])
 
 
 def enabled() -> bool:

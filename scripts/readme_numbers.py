@@ -537,9 +537,12 @@ def perf_linear() -> str:
 
     g = json.loads((PERF / "linear_layout.json").read_text())
     rows = [{"rows × d_in → d_out": f"{r['rows']} × {r['d_in']:,} → {r['d_out']:,}",
-             "F.linear ms": f"{r['linear_s'] * 1e3:.1f}", "(W x^T)^T ms": f"{r['fast_s'] * 1e3:.1f}",
+             "F.linear ms": f"{r['linear_s'] * 1e3:.1f}", "featbench ms": f"{r['fast_s'] * 1e3:.1f}",
              "ratio": f"{r['linear_s'] / r['fast_s']:.2f}×", "max abs difference": f"{r['max_abs_diff']:.3g}"}
             for r in g["shapes"]]
+    sizes = [{"rows of W per product": f"{b['chunk']:,}" + (" (featbench)" if b["chunk"] == g["chunk"] else ""),
+              **{f"{k.split('_')[1]} rows, ms": f"{v * 1e3:.1f}" for k, v in b.items() if k.startswith("rows_")}}
+             for b in g["chunks"]]
     (s0, s1), (c0, c1) = g["model_step_s"], g["model_score_s"]
     model = [{"forward of gemma-3-270m": "32 rows × 6 tokens, last position's logits", "stock s": f"{s0:.3f}",
               "featbench s": f"{s1:.3f}", "ratio": f"{s0 / s1:.2f}×"},
@@ -547,7 +550,8 @@ def perf_linear() -> str:
               "featbench s": f"{c1:.3f}", "ratio": f"{c0 / c1:.2f}×"}]
     head = (f"torch {g['torch']}, {g['threads']} threads; largest logit difference between the two model "
             f"forwards: {g['logit_max_abs_diff']:.3g}\n\n")
-    return head + _markdown(pd.DataFrame(rows)) + "\n" + _markdown(pd.DataFrame(model))
+    return (head + _markdown(pd.DataFrame(rows)) + "\n" + _markdown(pd.DataFrame(sizes), numparse=False) + "\n"
+            + _markdown(pd.DataFrame(model)))
 
 
 @block("perf-memory")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.fastlinear import MAX_ROWS, enabled, fast_linear_forward, use_fast_linears
+from bench.fastlinear import enabled, fast_linear_forward, use_fast_linears
 from bench.models import load
 from bench.sites import Site
 from bench.steer import Sampling, left_pad, sample
@@ -21,9 +21,11 @@ def _stock(model: torch.nn.Module) -> list[torch.nn.Linear]:
     return had
 
 
+@pytest.mark.parametrize("chunk", [1024, 3, 11])  # one block; blocks with a short last one; one exact block
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7), (1, 7), (3, 7, "transposed")])
-def test_forward_equals_linear(shape: tuple, bias: bool) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7), (1, 7), (3, 7, "transposed"), (300, 7)])
+def test_forward_equals_linear(shape: tuple, bias: bool, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr("bench.fastlinear.CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(7, 11, bias=bias)
     if shape[-1] == "transposed":  # a non-contiguous input
@@ -37,7 +39,7 @@ def test_forward_equals_linear(shape: tuple, bias: bool) -> None:  # noqa: ANN00
     torch.testing.assert_close(got, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-6, atol=1e-6)
 
 
-def test_grad_many_rows_and_other_dtypes_take_the_stock_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grad_and_other_dtypes_take_the_stock_path(monkeypatch: pytest.MonkeyPatch) -> None:
     lin = torch.nn.Linear(4, 3)
 
     def no_mm(*_a: object, **_k: object) -> None:
@@ -47,8 +49,6 @@ def test_grad_many_rows_and_other_dtypes_take_the_stock_path(monkeypatch: pytest
     x = torch.randn(2, 4, requires_grad=True)
     fast_linear_forward(lin, x).sum().backward()
     assert x.grad is not None and lin.weight.grad is not None
-    many = torch.randn(MAX_ROWS + 1, 4)
-    assert torch.equal(fast_linear_forward(lin, many), torch.nn.functional.linear(many, lin.weight, lin.bias))
     big = torch.nn.Linear(4, 20000)
     with pytest.raises(AssertionError, match="the fast layout ran"):  # while a few float32 rows do use it
         fast_linear_forward(big, torch.randn(2, 4))
@@ -109,3 +109,37 @@ def test_stock_layout_switches_back_and_restores(monkeypatch: pytest.MonkeyPatch
         assert n == len(fast) and not any("forward" in m.__dict__ for m in model.modules())
     assert [m for m in model.modules() if "forward" in m.__dict__] == fast
     assert all(m.forward.__func__ is fast_linear_forward for m in fast)
+
+
+def _single_product(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layout before blocks: one (W @ x^T)^T over all of W, then a transpose out of cache."""
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.mm(self.weight, flat.t()).t().contiguous().view(*x.shape[:-1], self.weight.shape[0])
+
+
+@pytest.mark.slow
+def test_blocks_give_the_single_product_logits_on_the_default_model() -> None:
+    """The blocked layout left the committed records valid: on gemma-3-270m its logits equal, to the bit, those of
+    the single-product layout they were made with, at decoding, calibration and scoring shapes, on 2 threads (the
+    machine's, as the default run uses)."""
+    import types
+
+    model, _, _ = load("gemma-3-270m-gguf")
+    head = model.get_output_embeddings()
+    assert head.forward.__func__ is fast_linear_forward
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    try:
+        for rows, length, keep in [(1, 7, 1), (2, 7, 1), (3, 5, 1), (5, 5, 1), (7, 5, 1), (16, 9, 1), (32, 6, 1),
+                                   (64, 6, 1), (128, 6, 1), (256, 6, 1), (4, 30, 0), (16, 30, 0)]:
+            ids = torch.randint(10, 5000, (rows, length), generator=g)
+            got = []
+            for forward in (fast_linear_forward, _single_product):
+                head.forward = types.MethodType(forward, head)
+                with torch.inference_mode():
+                    got.append(model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits)
+            assert torch.equal(*got), (rows, length, float((got[0] - got[1]).abs().max()))
+    finally:
+        head.forward = types.MethodType(fast_linear_forward, head)
+        torch.set_num_threads(threads)
