@@ -29,8 +29,8 @@ def test_the_default_run_is_the_feature_centric_protocol_on_every_method(records
     assert set(records["task"]) - {"fit"} == TASKS
     assert set(records["method"]) == {"dim-snmf", "sae", "snmf"} and set(records["layer"]) == {9}  # the middle
     per_method = records[records["task"] == "feature_steering"].groupby("method")["feature"].nunique()
-    assert (per_method[["snmf", "sae"]] == 20).all(), "20 per method (the runs before: 3 layers x 6, then 1 x 12)"
-    assert per_method["dim-snmf"] >= 19, "one DiM direction per labelled SNMF feature of the sample"
+    assert (per_method[["snmf", "sae"]] == 24).all(), "24 per method (the runs before: 3 layers x 6, 1 x 12, 1 x 20)"
+    assert per_method["dim-snmf"] >= 22, "one DiM direction per labelled SNMF feature of the sample"
     steer = records[(records["task"] == "feature_steering") & (records["metric"] == "reached")]
     assert set(steer["sign"]) == {1, -1} and steer["kl_target"].nunique() >= 3
     scored = records[(records["task"] == "feature_steering") & (records["metric"] == "score")]
