@@ -3,12 +3,13 @@
 `F.linear(x, W)` computes x @ W^T. On CPU builds of torch with MKL, that layout runs well below the machine's
 matmul rate when W is tall: the unembedding (lm_head) of a model with a large vocabulary, e.g. gemma-3-270m's
 [262144, 640]. featbench computes the same dot products as (W_c @ x^T)^T for blocks W_c of `CHUNK` rows of W,
-each written into its columns of the output: every block's product and its transpose stay in cache, where one
-product over all of W (and the transpose of its [V, n] result) would not. `bench perf linear_layout` measures
-both layouts at the rows of a decoding step, a labelling batch and a scoring pass; the blocked one is faster at
-all of them. `use_fast_linears(model)` gives every float32 `nn.Linear` of a CPU model with at least `MIN_OUT`
-outputs this layout; the smaller linears of the blocks keep torch's (at a decoding step they wait on memory,
-not on the kernel).
+each written into its columns of the output. A block's product and its transpose are far smaller working sets
+than one product over all of W and the transpose of its [V, n] result (our reading of why it is faster; the
+speed itself is measured). `bench perf linear_layout` times both layouts at the rows of a decoding step, a
+labelling batch, a calibration batch and a scoring pass, up to `MAX_ROWS`, the largest row count measured;
+above it torch's layout stays. `use_fast_linears(model)` gives every float32 `nn.Linear` of a CPU model with at
+least `MIN_OUT` outputs this layout; the smaller linears of the blocks keep torch's (the layout targets tall W;
+the benchmark times two of them for reference).
 
 The two layouts take the same dot products over the same inputs, but MKL may block the sum differently: at some
 row counts (e.g. 16 and 32 here) they agree to the bit, at others (2, 3, 5, 7) they differ in the last bits
@@ -34,18 +35,24 @@ log = logging.getLogger(__name__)
 ENV = "FEATBENCH_FAST_LINEAR"
 MIN_OUT = 16384  # outputs: vocabularies, not the blocks' projections
 CHUNK = 1024  # rows of W per product (`bench perf linear_layout --chunks` measures others)
+MAX_ROWS = 512  # input rows: up to a scoring batch (16 texts x 30 tokens); above, torch's layout (not measured)
 
 
 def fast_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
     """`nn.Linear.forward` as (W_c @ x^T)^T per block W_c of `CHUNK` rows of W: x [..., d_in] -> [..., d_out]
-    (float32 CPU tensors that need no gradient; else torch's own path)."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or self.weight.dtype != torch.float32 or x.requires_grad:
-        return nn.functional.linear(x, self.weight, self.bias)
+    (float32 CPU tensors of at most `MAX_ROWS` rows that need no gradient, outside autocast; else torch's own
+    path). Not for `torch.vmap` (the blocks are written in place)."""
     flat = x.reshape(-1, x.shape[-1])  # [n, d_in]
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or self.weight.dtype != torch.float32 or x.requires_grad
+            or flat.shape[0] > MAX_ROWS or torch.is_autocast_enabled("cpu")):
+        return nn.functional.linear(x, self.weight, self.bias)
+    chunk = CHUNK
+    if chunk < 1:
+        raise ValueError(f"bench.fastlinear.CHUNK={chunk}: expected a positive number of rows of W per product")
     xt, w = flat.t(), self.weight  # [d_in, n], [d_out, d_in]
-    out = torch.empty(flat.shape[0], w.shape[0], dtype=x.dtype)  # [n, d_out]
-    for start in range(0, w.shape[0], CHUNK):
-        out[:, start : start + CHUNK] = torch.mm(w[start : start + CHUNK], xt).t()  # [n, c]
+    out = flat.new_empty((flat.shape[0], w.shape[0]))  # [n, d_out]
+    for start in range(0, w.shape[0], chunk):
+        out[:, start : start + chunk] = torch.mm(w[start : start + chunk], xt).t()  # [n, c]
     if self.bias is not None:
         out += self.bias
     return out.view(*x.shape[:-1], w.shape[0])

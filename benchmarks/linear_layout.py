@@ -1,15 +1,18 @@
 """The CPU layout of the unembedding: torch's `F.linear` (x @ W^T, the baseline) against featbench's blocked
 (W_c @ x^T)^T (`bench.fastlinear`), on the default model's unembedding (gemma-3-270m: [262144, 640]) at the rows
-of a label or decoding step (16, 32, 64, 128), of a calibration batch (256) and of a scoring batch (480 = 16
-texts x 30 tokens), and for reference on two of the blocks' projections (which keep torch's layout in models).
+of a label or decoding step (16, 32, 64, 128), of a calibration batch (256), of a scoring batch (480 = 16 texts
+x 30 tokens) and at `MAX_ROWS` (512, above which torch's layout stays), and for reference on two of the blocks'
+projections (which keep torch's layout in models); each time is the best over `--rounds` rounds, each round
+timing every shape in both layouts (mean per call over at least `--seconds`).
 Then the block size: the 32- and 480-row unembedding at each of `--chunks` rows of W per product (featbench
 uses `CHUNK`), the sizes alternating for `--rounds` rounds, best call of each. Then the whole model, stock
 against fast: one 32-row decoding forward (last position's logits) and one 16 x 30-token scoring forward
 (every position's logits), alternating stock and fast for `--rounds` rounds, best time of each.
 
-Each line gives milliseconds of both, their ratio and the largest absolute difference of the outputs (0 means
-bit-identical). Ends with `unembedding layout: R x F.linear` (the geometric mean over the unembedding shapes)
-and `model forward: R x stock` (the two forwards summed); `--json PATH` also writes the numbers.
+Each line of the first table gives milliseconds of both, their ratio and the largest absolute difference of the
+outputs (0 means bit-identical). Ends with `unembedding layout: R x F.linear` (the geometric mean over the
+unembedding shapes) and `model forward: R x stock` (the two forwards summed); `--json PATH` also writes the
+numbers.
 Usage: bench perf linear_layout [--model gemma-3-270m-gguf] [--seconds 0.5] [--chunks 256,512,1024,2048,4096]
 """
 
@@ -28,7 +31,7 @@ from bench.fastlinear import CHUNK, MIN_OUT, fast_linear_forward, use_fast_linea
 from bench.models import load
 
 SHAPES = [(32, 640, 2048), (32, 2048, 640), (16, 640, 262144), (32, 640, 262144), (64, 640, 262144),
-          (128, 640, 262144), (256, 640, 262144), (480, 640, 262144)]  # (rows, d_in, d_out)
+          (128, 640, 262144), (256, 640, 262144), (480, 640, 262144), (512, 640, 262144)]  # (rows, d_in, d_out)
 CHUNK_ROWS = (32, 480)  # the unembedding rows the block sizes are timed at
 
 
@@ -59,21 +62,33 @@ def main() -> None:
             raise ValueError
     except ValueError:
         p.error(f"--chunks {args.chunks!r}: expected comma-separated positive integers, e.g. 512,1024,2048")
+    if args.rounds < 1 or args.seconds <= 0:
+        p.error(f"--rounds {args.rounds} --seconds {args.seconds}: expected rounds >= 1 and seconds > 0")
     torch.manual_seed(args.seed)
     rows, ratios = [], []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    linears = {(k, n): torch.nn.Linear(k, n, bias=False) for _, k, n in SHAPES}  # one unembedding for all its rows
+    inputs = {(m, k): torch.randn(m, k) for m, k, _ in SHAPES}
+    best = {(m, k, n, side): math.inf for m, k, n in SHAPES for side in ("linear", "fast")}
+    with torch.inference_mode():
+        for _ in range(args.rounds):  # every shape, F.linear then featbench's, in each round: best of the rounds
+            for m, k, n in SHAPES:
+                lin, x = linears[k, n], inputs[m, k]
+                best[m, k, n, "linear"] = min(best[m, k, n, "linear"],
+                                              _time(lambda: torch.nn.functional.linear(x, lin.weight), args.seconds))  # noqa: B023
+                best[m, k, n, "fast"] = min(best[m, k, n, "fast"],
+                                            _time(lambda: fast_linear_forward(lin, x), args.seconds))  # noqa: B023
     print(f"{'rows x d_in -> d_out':<26}{'F.linear ms':>12}{'fast ms':>10}{'ratio':>8}{'max |diff|':>12}")
     for m, k, n in SHAPES:
-        lin = torch.nn.Linear(k, n, bias=False)
-        x = torch.randn(m, k)
+        lin, x = linears[k, n], inputs[m, k]
+        base, fast = best[m, k, n, "linear"], best[m, k, n, "fast"]
         with torch.inference_mode():
-            base = _time(lambda: torch.nn.functional.linear(x, lin.weight), args.seconds)  # noqa: B023
-            fast = _time(lambda: fast_linear_forward(lin, x), args.seconds)  # noqa: B023
             diff = float((torch.nn.functional.linear(x, lin.weight) - fast_linear_forward(lin, x)).abs().max())
         if n >= MIN_OUT:
             ratios.append(base / fast)
         rows.append({"rows": m, "d_in": k, "d_out": n, "linear_s": base, "fast_s": fast, "max_abs_diff": diff})
         print(f"{f'{m} x {k} -> {n}':<26}{base * 1e3:>12.2f}{fast * 1e3:>10.2f}{base / fast:>8.2f}{diff:>12.3g}")
+    del linears, inputs
 
     # the block size: rows of W per product, at a decoding step's and a scoring batch's rows
     unembed = torch.nn.Linear(640, 262144, bias=False)

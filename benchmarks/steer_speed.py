@@ -43,7 +43,7 @@ TARGETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5)
 
 def _generate(model, tok, ids: list[list[int]], site: Site, vectors: torch.Tensor, args) -> int:  # noqa: ANN001
     """`generate` with the steering hook, left-padded rows; returns the number of new tokens."""
-    x, mask = left_pad(ids, tok.pad_token_id or 0)
+    x, mask = left_pad(ids, tok.pad_token_id or 0, args.device)
     with steer(model, site, vectors[:, None, :]), torch.inference_mode():
         out = model.generate(input_ids=x, attention_mask=mask, do_sample=True, top_k=args.top_k, top_p=args.top_p,
                              temperature=1.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
@@ -51,11 +51,19 @@ def _generate(model, tok, ids: list[list[int]], site: Site, vectors: torch.Tenso
     return int(out[:, x.shape[1]:].numel())
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so that a timing ends when the work does."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _best(fn, repeats: int) -> float:  # noqa: ANN001
     best = float("inf")
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         best = min(best, time.perf_counter() - t0)
     return best
 

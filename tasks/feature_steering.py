@@ -74,8 +74,7 @@ class FeatureSteering:
     top_k: int = 30
     top_p: float = 1.0  # the reference's effective value (its 0.3 is ignored by TransformerLens next to top-k)
     stop_at_eos: bool = False
-    batch_size: int = 128  # rows per forward pass (generation and calibration; the fast CPU unembedding layout
-    # applies up to 128 rows)
+    batch_size: int = 128  # rows per forward pass (generation and calibration)
 
     needs_judge: ClassVar[bool] = True
     rubrics: ClassVar[tuple[str, ...]] = ("feature_concept", "feature_fluency")

@@ -70,7 +70,7 @@ def fluency_rating(excess: float, rep: Mapping[str, float], th: OfflineThreshold
                                                                                         "distinct")))
 
 
-NLL_CHUNK = 128  # positions per unembedding call in `mean_token_nll` (the fast CPU layout's row limit)
+NLL_CHUNK = 128  # positions per unembedding call in `mean_token_nll` (within the fast CPU layout's MAX_ROWS)
 # Families whose causal-LM head is exactly `lm_head(decoder(...).last_hidden_state)` (the final norm inside the
 # decoder), plus Gemma-2's soft-capping: the rows of bench.sites.ARCHS. Any other model takes the full-logits path
 # (a family that scales its logits would otherwise be scored wrong without notice).
