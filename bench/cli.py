@@ -100,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
     from bench.config import EXECUTION, RunConfig, parse_params, shipped_config
     from bench.report import write_leaderboard
     from bench.results import load, read_jsonl
-    from bench.runner import Run, new_run_id
+    from bench.runner import Run, new_run_id, typed
 
     overrides = {k: getattr(args, k) for k in ("models", "layers", "methods", "tasks", "concepts", "concept_columns",
                                                 "seed", "device", "device_map", "max_fit_tokens", "judge",
@@ -121,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
                              "resume, or start a new run with --out")
         cfg = dataclasses.replace(cfg, **{k: getattr(given, k) for k in EXECUTION})  # where it runs may change
     else:
-        cfg = RunConfig.load(path, overrides)
+        cfg = typed(RunConfig.load(path, overrides))  # config.json stores typed values, not the strings typed
     if args.show_config:
         sys.stdout.write(json.dumps(cfg.to_dict(), indent=2) + "\n")
         return 0

@@ -96,6 +96,20 @@ def selected(cfg: RunConfig) -> tuple[list[str], list[str]]:
     return methods, tasks
 
 
+def typed(cfg: RunConfig) -> RunConfig:
+    """`cfg` with every method and task parameter coerced to its field's type and stored as its JSON value, so
+    that a run's config.json holds what ran (`-T feature_steering.max_features=24` as 24, not "24"). An alias's
+    `method` key stays; a factory that is not a dataclass keeps its values as given."""
+    registry.discover()
+    method = {}
+    for name, params in cfg.method.items():
+        factory, given = method_spec(name, cfg)
+        method[name] = {**params, **check_params(factory, given, "method", name)}
+    task = {name: check_params(registry.lookup(registry.TASKS, "task", name), params, "task", name)
+            for name, params in cfg.task.items()}
+    return dataclasses.replace(cfg, **json.loads(json.dumps({"method": method, "task": task}, default=str)))
+
+
 def feature_sources(methods: list[str], cfg: RunConfig) -> list[str]:
     """The methods that `features_of` of the run's methods name and the run does not list (fitted for them)."""
     named = [method_spec(m, cfg)[1].get("features_of") for m in methods]

@@ -156,3 +156,18 @@ def test_resume_accepts_flags_equal_to_the_stored_config(tmp_path: Path) -> None
             "--concepts", str(FIXTURE_CONCEPTS), "-T", "detection.pool=max"]  # the default, set or not
     assert main(["run", "--resume", str(out), *same]) == 0
     assert {r["method"] for r in read_jsonl(out / "records.jsonl")} == {"dim"}
+
+
+def test_flag_values_are_stored_typed(capsys: pytest.CaptureFixture[str]) -> None:
+    """-T/-M values reach the run's config (what config.json stores) as their fields' types, not as the strings
+    typed; a site stays a string that parses back; an alias keeps its `method`."""
+    assert main(["run", "--show-config", "-T", "feature_steering.max_features=24", "-T",
+                 "feature_steering.kl_targets=0.1,0.2", "-M", "snmf.n_features=64", "-M", "dim-snmf.chunk_tokens=512",
+                 "--methods", "snmf,dim-snmf,dim", "-M", "dim.site=mlp_out@3"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["task"]["feature_steering"]["max_features"] == 24
+    assert cfg["task"]["feature_steering"]["kl_targets"] == [0.1, 0.2]
+    assert cfg["method"]["snmf"]["n_features"] == 64
+    assert cfg["method"]["dim-snmf"] == {"method": "dim", "features_of": "snmf", "chunk_tokens": 512}
+    assert cfg["method"]["dim"]["site"] == "mlp_out@3"
+    assert RunConfig.from_dict(cfg).to_dict() == cfg
