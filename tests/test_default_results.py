@@ -77,3 +77,17 @@ def test_the_committed_default_run_is_the_shipped_default_config() -> None:
     stored = RunConfig.from_dict({k: v for k, v in json.loads((DEFAULT / "config.json").read_text()).items()
                                   if k != "run_id"})
     assert stored.to_dict() == RunConfig.load().to_dict()
+
+
+def test_the_committed_records_hold_the_current_task_parameters(records: pd.DataFrame) -> None:
+    """Each task's parameters in the committed records (every field, defaults included) are what the shipped
+    default config gives the task now: a changed task default (a batch size, a prompt) means rerunning the
+    default run."""
+    from bench.config import RunConfig
+    from bench.runner import make_task, task_params
+
+    cfg = RunConfig.load()
+    for task in sorted(set(records["task"]) - {"fit"}):
+        stored = records.loc[records["task"] == task, "task_params"]
+        assert all(p == stored.iloc[0] for p in stored), f"{task}: one set of parameters in the run"
+        assert stored.iloc[0] == task_params(make_task(task, cfg)), task
